@@ -1,0 +1,31 @@
+"""statepool's engine: states, their handles and the manager that runs them."""
+
+from __future__ import annotations
+
+from .errors import (
+    EngineError,
+    LazyArgumentError,
+    ManagerStoppedError,
+    SerializationError,
+    StateTimeoutError,
+    WorkerCrashedError,
+)
+from .handle import StateHandle, StateStatus
+from .manager import ManagerStats, StateManager
+from .state import State
+from .wrap import wrap_with_tryexcept
+
+__all__ = [
+    "State",
+    "StateManager",
+    "ManagerStats",
+    "StateHandle",
+    "StateStatus",
+    "wrap_with_tryexcept",
+    "EngineError",
+    "WorkerCrashedError",
+    "StateTimeoutError",
+    "SerializationError",
+    "LazyArgumentError",
+    "ManagerStoppedError",
+]

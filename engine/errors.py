@@ -1,0 +1,63 @@
+"""The error tree of statepool.
+
+::
+
+    EngineError                         every error statepool raises of its own
+    ├── WorkerCrashedError  (RuntimeError)   the process running the state died
+    ├── StateTimeoutError   (TimeoutError)   the state ran past its ``timeout``
+    ├── SerializationError  (pickle.PicklingError)  cloudpickle cannot carry an object
+    ├── LazyArgumentError                    a lazy argument raised (``__cause__`` is why)
+    └── ManagerStoppedError (RuntimeError)   the manager no longer accepts states
+
+An exception raised by the state's own function is kept as it is (its type unchanged); when it
+was raised in a worker process, the worker's traceback is attached as its ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+__all__ = [
+    "EngineError",
+    "WorkerCrashedError",
+    "StateTimeoutError",
+    "SerializationError",
+    "LazyArgumentError",
+    "ManagerStoppedError",
+]
+
+
+class EngineError(Exception):
+    """Root of every error statepool raises of its own."""
+
+
+class WorkerCrashedError(EngineError, RuntimeError):
+    """The worker process running a state died (exit, signal, segfault, out of memory)."""
+
+    def __init__(self, message: str, *, state_name: str = "", exitcode: int | None = None):
+        super().__init__(message)
+        self.state_name = state_name
+        self.exitcode = exitcode
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (_rebuild_crash, (str(self), self.state_name, self.exitcode))
+
+
+def _rebuild_crash(message: str, state_name: str, exitcode: int | None) -> WorkerCrashedError:
+    return WorkerCrashedError(message, state_name=state_name, exitcode=exitcode)
+
+
+class StateTimeoutError(EngineError, TimeoutError):
+    """A state ran past its ``timeout``."""
+
+
+class SerializationError(EngineError, pickle.PicklingError):
+    """The function, an argument or the result of a state cannot be pickled."""
+
+
+class LazyArgumentError(EngineError):
+    """A lazy argument raised while it was resolved; the original error is ``__cause__``."""
+
+
+class ManagerStoppedError(EngineError, RuntimeError):
+    """The manager is stopping or stopped and accepts no more states."""

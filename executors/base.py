@@ -1,0 +1,89 @@
+"""The executor interface and the prepared call every backend runs.
+
+A backend is anything with a ``name``, ``async run(call)`` and ``async shutdown(cancel=...)``.
+The engine owns the queue, retries, timeouts and status; a backend runs one prepared call and
+answers with its result or its exception. Its duties:
+
+* call ``call.started()`` on the event loop thread when the call leaves the backend's own waiting
+  line and really starts (the state's ``timeout`` clock starts there);
+* when the task awaiting ``run()`` is cancelled (the state was cancelled or timed out), stop the
+  work if the backend can (a process backend terminates the worker) and let ``CancelledError``
+  propagate;
+* never block the event loop thread.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["Executor", "PreparedCall"]
+
+
+class PreparedCall:
+    """One attempt of a state, ready to run: ``fn(*args, **kwargs)`` plus what a backend needs."""
+
+    __slots__ = ("state_name", "func_name", "fn", "args", "kwargs", "is_coro", "is_blocking",
+                 "timeout", "_on_start")
+
+    def __init__(
+        self,
+        state_name: str,
+        func_name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        is_coro: bool = False,
+        is_blocking: bool = False,
+        timeout: float | None = None,
+        on_start: Callable[[], None] | None = None,
+    ) -> None:
+        self.state_name = state_name
+        self.func_name = func_name
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs if kwargs is not None else {}
+        self.is_coro = is_coro
+        self.is_blocking = is_blocking
+        self.timeout = timeout
+        self._on_start = on_start
+
+    def started(self) -> None:
+        """Tell the engine the call is running now (loop thread only; idempotent)."""
+        cb = self._on_start
+        if cb is not None:
+            self._on_start = None
+            cb()
+
+    def __call__(self) -> Any:
+        """Run the call here: a coroutine function returns its coroutine, unawaited."""
+        return self.fn(*self.args, **self.kwargs)
+
+    def __repr__(self) -> str:
+        return f"<PreparedCall {self.state_name!r} {self.func_name}>"
+
+
+class Executor(abc.ABC):
+    """What every backend implements. See the module docstring for the duties of ``run``."""
+
+    name: str = "executor"
+
+    async def start(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Start now (pre-warm pools). ``run`` starts lazily anyway."""
+
+    @abc.abstractmethod
+    async def run(self, call: PreparedCall) -> Any:
+        """Run one prepared call and return its result (or raise its exception)."""
+
+    @abc.abstractmethod
+    async def shutdown(self, *, cancel: bool) -> None:
+        """Release every resource; ``cancel=True`` stops running work instead of waiting."""
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the worker processes this executor holds now (none for in-process ones)."""
+        return []
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
