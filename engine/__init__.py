@@ -16,16 +16,16 @@ from .state import State
 from .wrap import wrap_with_tryexcept
 
 __all__ = [
-    "State",
-    "StateManager",
-    "ManagerStats",
-    "StateHandle",
-    "StateStatus",
-    "wrap_with_tryexcept",
     "EngineError",
-    "WorkerCrashedError",
-    "StateTimeoutError",
-    "SerializationError",
     "LazyArgumentError",
+    "ManagerStats",
     "ManagerStoppedError",
+    "SerializationError",
+    "State",
+    "StateHandle",
+    "StateManager",
+    "StateStatus",
+    "StateTimeoutError",
+    "WorkerCrashedError",
+    "wrap_with_tryexcept",
 ]

@@ -19,11 +19,11 @@ import pickle
 
 __all__ = [
     "EngineError",
-    "WorkerCrashedError",
-    "StateTimeoutError",
-    "SerializationError",
     "LazyArgumentError",
     "ManagerStoppedError",
+    "SerializationError",
+    "StateTimeoutError",
+    "WorkerCrashedError",
 ]
 
 

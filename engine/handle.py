@@ -1,0 +1,172 @@
+"""StateHandle and StateStatus: what a caller holds for a state put on a queue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import enum
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .manager import StateManager
+    from .state import State
+
+__all__ = ["TERMINAL", "StateHandle", "StateStatus"]
+
+
+class StateStatus(enum.Enum):
+    """The lifecycle of one put of a state; the last three are terminal."""
+
+    QUEUED = "queued"
+    WAITING = "waiting"  # on its event gate
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({StateStatus.SUCCEEDED, StateStatus.FAILED, StateStatus.CANCELLED})
+_QUEUED, _CANCELLED = StateStatus.QUEUED, StateStatus.CANCELLED
+
+
+class StateHandle:
+    """One put of a state: its status, timing, attempts and outcome. Awaitable.
+
+    ``result = await handle`` returns the result, raises the state's exception, or raises
+    ``asyncio.CancelledError`` for a cancelled state. Timestamps are on the manager loop's clock.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_ctx",
+        "_exception",
+        "_executor_name",
+        "_manager",
+        "_result",
+        "_task",
+        "_timed_out",
+        "_timer",
+        "_waiters",
+        "attempts",
+        "finished_at",
+        "queued_at",
+        "started_at",
+        "state",
+        "status",
+    )
+
+    def __init__(self, state: State, manager: StateManager, queued_at: float,
+                 ctx: contextvars.Context) -> None:
+        self.state = state
+        self.status = _QUEUED
+        self.attempts = 0
+        self.queued_at = queued_at
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._waiters: list[asyncio.Future[None]] | None = None
+        self._manager = manager
+        self._task: asyncio.Future[Any] | None = None
+        self._ctx = ctx
+        self._timed_out = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._executor_name: str | None = None
+
+    # -- the Future-like surface ---------------------------------------------------------
+
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+    def cancelled(self) -> bool:
+        return self.status is _CANCELLED
+
+    def result(self) -> Any:
+        """The result; raises the state's exception, ``CancelledError`` or ``InvalidStateError``."""
+        if not self.done():
+            raise asyncio.InvalidStateError(f"state {self.state.name!r} is not done yet")
+        if self.status is _CANCELLED:
+            raise asyncio.CancelledError(f"state {self.state.name!r} was cancelled")
+        if self._exception is not None:
+            raise self._exception
+        return self._result
+
+    def exception(self) -> BaseException | None:
+        """The state's exception or ``None``; raises like ``asyncio.Future.exception()``."""
+        if not self.done():
+            raise asyncio.InvalidStateError(f"state {self.state.name!r} is not done yet")
+        if self.status is _CANCELLED:
+            raise asyncio.CancelledError(f"state {self.state.name!r} was cancelled")
+        return self._exception
+
+    def cancel(self) -> bool:
+        """Cancel the state; False if it had already ended.
+
+        Queued or gated: it never starts. Running coroutine: cancelled. Running process state:
+        its worker is terminated. Running thread state: marked ``CANCELLED`` at once and its result
+        discarded, but the thread itself runs on (a thread cannot be killed).
+        """
+        if self.status in TERMINAL:
+            return False
+        task = self._task
+        self._finish(_CANCELLED)
+        if task is not None and not task.done():
+            task.cancel()
+        return True
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        if not self.done():
+            loop = self._manager._loop
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is not loop or loop is None:
+                raise RuntimeError(
+                    f"state {self.state.name!r}: its handle belongs to the manager's event loop "
+                    "and cannot be awaited from another loop or thread"
+                )
+            fut: asyncio.Future[None] = loop.create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(fut)
+            yield from fut.__await__()
+        return self.result()
+
+    # -- engine side -----------------------------------------------------------------------
+
+    def _set_status(self, status: StateStatus) -> None:
+        counts = self._manager._counts
+        counts[self.status] -= 1
+        counts[status] += 1
+        old, self.status = self.status, status
+        if old is _QUEUED:
+            self._manager._queued_left()
+
+    def _finish(self, status: StateStatus, result: Any = None,
+                exc: BaseException | None = None) -> bool:
+        """End the handle once: the first terminal status wins; later calls change nothing."""
+        if self.status in TERMINAL:
+            return False
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
+            self._timer = None
+        self._result = result
+        self._exception = exc
+        manager = self._manager
+        loop = manager._loop
+        self.finished_at = loop.time() if loop is not None else None
+        self._set_status(status)
+        waiters = self._waiters
+        if waiters:
+            self._waiters = None
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+        manager._handle_done(self)
+        return True
+
+    def __repr__(self) -> str:
+        return f"<StateHandle {self.state.name!r} {self.status.name} attempts={self.attempts}>"

@@ -1,0 +1,476 @@
+"""StateManager: the queue, the main loop, put / join / stop, and the stats snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import sys
+import threading
+from collections import Counter, deque
+from collections.abc import Coroutine, Iterable, Mapping
+from types import TracebackType
+from typing import Any, ClassVar
+
+from executors import registry
+from executors.base import Executor
+from executors.thread import ThreadExecutor
+
+from .errors import ManagerStoppedError, StateTimeoutError
+from .handle import StateHandle, StateStatus
+from .log import log_enter, log_exit, log_failure, log_retry, logger
+from .state import State
+from .stats import ManagerStats, snapshot
+
+__all__ = ["ManagerStats", "StateManager"]
+
+_QUEUED, _WAITING, _RUNNING = StateStatus.QUEUED, StateStatus.WAITING, StateStatus.RUNNING
+_SUCCEEDED, _FAILED, _CANCELLED = StateStatus.SUCCEEDED, StateStatus.FAILED, StateStatus.CANCELLED
+_HAS_TASK_CONTEXT = sys.version_info >= (3, 11)
+
+
+class StateManager:
+    """Runs states in the order they were put, each in its executor.
+
+    ``StateManager.instance()`` is the process-wide manager; ``StateManager(...)`` builds an
+    independent one. Options: ``executors`` (name -> Executor instance, used instead of the
+    registry's defaults), ``max_queue`` (``put_state`` waits while that many states are queued;
+    0 means unbounded) and ``shutdown_grace`` (seconds thread states get at stop).
+    """
+
+    _instance: ClassVar[StateManager | None] = None
+    _instance_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, *, executors: Mapping[str, Executor] | None = None,
+                 max_queue: int = 0, shutdown_grace: float = 5.0) -> None:
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+            raise ValueError(f"StateManager: 'max_queue' must be an int >= 0, got {max_queue!r}")
+        if isinstance(shutdown_grace, bool) or not isinstance(shutdown_grace, (int, float)) \
+                or shutdown_grace < 0:
+            raise ValueError(
+                f"StateManager: 'shutdown_grace' must be seconds >= 0, got {shutdown_grace!r}")
+        self._executors: dict[str, Executor] = {}
+        for name, ex in (executors or {}).items():
+            if not isinstance(ex, Executor):
+                raise TypeError(f"StateManager: executors[{name!r}] must be an Executor, "
+                                f"got {ex!r}")
+            self._executors[name] = ex
+        self._configured = list(self._executors.values())
+        self.max_queue = max_queue
+        self.shutdown_grace = float(shutdown_grace)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: deque[StateHandle] = deque()
+        self._counts: dict[StateStatus, int] = dict.fromkeys(StateStatus, 0)
+        self._by_executor: Counter[str] = Counter()
+        self._running: set[StateHandle] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._unfinished = 0
+        self._join_waiters: list[asyncio.Future[None]] = []
+        self._put_waiters: deque[asyncio.Future[None]] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._current: StateHandle | None = None
+        self._main_task: asyncio.Task[None] | None = None
+        self._bg_task: asyncio.Task[None] | None = None
+        self._stop_requested = False
+        self._stopped = False
+        self._stopped_event: asyncio.Event | None = None
+
+    # -- the singleton -----------------------------------------------------------------------
+
+    @classmethod
+    def instance(cls) -> StateManager:
+        """The process-wide manager, created on first use."""
+        inst = cls._instance
+        if inst is None:
+            with cls._instance_lock:
+                inst = cls._instance
+                if inst is None:
+                    inst = cls._instance = cls()
+        return inst
+
+    @classmethod
+    def _reset_instance(cls) -> None:
+        """Forget the process-wide manager (tests); stop it first if it still runs."""
+        with cls._instance_lock:
+            inst, cls._instance = cls._instance, None
+        if inst is not None and not inst._stop_requested:
+            inst.signal_stopping()
+
+    # -- putting states ----------------------------------------------------------------------
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("StateManager is bound to another event loop; build one per loop")
+        return loop
+
+    def _check_state(self, state: Any) -> None:
+        if not isinstance(state, State):
+            raise TypeError(f"put_state() takes a State, got {type(state).__name__}: {state!r}")
+        if self._stop_requested:
+            raise ManagerStoppedError(f"cannot put {state.name!r}: the manager is stopping")
+
+    async def put_state(self, state: State) -> StateHandle:
+        """Queue ``state``; waits while ``max_queue`` states are queued. Returns its handle."""
+        self._check_state(state)
+        loop = self._bind_loop()
+        if self.max_queue:
+            await self._wait_for_room(state, loop)
+        return self._enqueue(state, loop)
+
+    async def put_states(self, states: Iterable[State]) -> list[StateHandle]:
+        """Queue every state in order; checks them all before queuing any."""
+        states = list(states)
+        for state in states:
+            self._check_state(state)
+        loop = self._bind_loop()
+        if not self.max_queue:
+            return [self._enqueue(state, loop) for state in states]
+        handles = []
+        for state in states:
+            await self._wait_for_room(state, loop)
+            handles.append(self._enqueue(state, loop))
+        return handles
+
+    async def _wait_for_room(self, state: State, loop: asyncio.AbstractEventLoop) -> None:
+        while self._counts[_QUEUED] >= self.max_queue:
+            fut: asyncio.Future[None] = loop.create_future()
+            self._put_waiters.append(fut)
+            try:
+                await fut
+            finally:
+                if not fut.done():
+                    fut.cancel()
+            if self._stop_requested:
+                raise ManagerStoppedError(f"cannot put {state.name!r}: the manager is stopping")
+
+    def _enqueue(self, state: State, loop: asyncio.AbstractEventLoop) -> StateHandle:
+        handle = StateHandle(state, self, loop.time(), contextvars.copy_context())
+        self._counts[_QUEUED] += 1
+        self._unfinished += 1
+        self._queue.append(handle)
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+        return handle
+
+    def _queued_left(self) -> None:
+        """A handle left QUEUED: let one waiting producer in."""
+        waiters = self._put_waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def _handle_done(self, handle: StateHandle) -> None:
+        self._running.discard(handle)
+        self._unfinished -= 1
+        if self._unfinished == 0 and self._join_waiters:
+            waiters, self._join_waiters = self._join_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def join(self) -> None:
+        """Wait until the queue is empty and every handle of this manager is terminal."""
+        if self._unfinished == 0:
+            return
+        fut: asyncio.Future[None] = self._bind_loop().create_future()
+        self._join_waiters.append(fut)
+        await fut
+
+    # -- the main loop -----------------------------------------------------------------------
+
+    async def process_states(self) -> None:
+        """Start queued states in order until ``signal_stopping()``; then clean up and return."""
+        if self._main_task is not None:
+            raise RuntimeError("process_states() is already running for this manager")
+        if self._stopped:
+            raise ManagerStoppedError("process_states(): this manager has stopped")
+        loop = self._bind_loop()
+        self._main_task = asyncio.current_task()
+        for ex in self._configured:
+            self._spawn(self._prewarm(ex), None)
+        try:
+            queue = self._queue
+            while not self._stop_requested:
+                if not queue:
+                    self._wakeup = loop.create_future()
+                    await self._wakeup
+                    self._wakeup = None
+                    continue
+                handle = queue.popleft()
+                if handle.status is _QUEUED:
+                    await self._start(handle)
+        finally:
+            self._wakeup = None
+            await self._shutdown()
+            self._main_task = None
+
+    async def _prewarm(self, ex: Executor) -> None:
+        try:
+            await ex.start()
+        except Exception:
+            logger.warning("executor %r failed to pre-warm", ex.name, exc_info=True)
+
+    async def _start(self, handle: StateHandle) -> None:
+        """Hold the queue on the gate, then dispatch; await the state unless it is blocking."""
+        event = handle.state.event
+        if event is not None and not event.is_set():
+            handle._set_status(_WAITING)
+            gate = self._spawn(event.wait(), handle)
+            await self._await_own(gate, handle)
+            if handle.status is not _WAITING:
+                return
+        task = self._spawn(self._run(handle), handle)
+        if not handle.state.is_blocking:
+            await self._await_own(task, handle)
+
+    async def _await_own(self, task: asyncio.Future[Any], handle: StateHandle) -> None:
+        """Await a state's task; its own cancellation does not stop the main loop."""
+        self._current = handle
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not (task.cancelled() and handle.done()) or _cancelling(self._main_task):
+                raise
+        finally:
+            self._current = None
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], handle: StateHandle | None) \
+            -> asyncio.Task[Any]:
+        loop = self._loop
+        assert loop is not None
+        if handle is None:
+            task = loop.create_task(coro)
+        elif _HAS_TASK_CONTEXT:
+            task = loop.create_task(coro, context=handle._ctx)  # type: ignore[call-arg]
+        else:  # pragma: no cover - Python 3.10
+            task = handle._ctx.run(loop.create_task, coro)
+        if handle is not None:
+            handle._task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _executor_for(self, state: State) -> Executor:
+        ex = state.executor
+        if isinstance(ex, Executor):
+            self._executors.setdefault(f"{ex.name}@{id(ex):x}", ex)
+            return ex
+        name = state.executor_name
+        ex = self._executors.get(name)
+        if ex is None:
+            ex = self._executors[name] = registry.create(name)
+            if isinstance(ex, ThreadExecutor) and ex.shutdown_grace is None:
+                ex.shutdown_grace = self.shutdown_grace
+        return ex
+
+    async def _run(self, handle: StateHandle) -> None:
+        """Every attempt of one state, ending its handle exactly once."""
+        state = handle.state
+        loop = self._loop
+        assert loop is not None
+        if handle.status is _QUEUED or handle.status is _WAITING:
+            handle._set_status(_RUNNING)
+        self._running.add(handle)
+        try:
+            executor = self._executor_for(state)
+        except Exception as exc:  # a backend that cannot be built fails its state
+            handle._finish(_FAILED, exc=exc)
+            log_failure(handle, state.executor_name, exc)
+            return
+        ex_name = handle._executor_name = executor.name
+        self._by_executor[ex_name] += 1
+        while True:
+            handle.attempts += 1
+            attempt = handle.attempts
+            handle._timed_out = False
+            try:
+                args, kwargs = await state._resolve_lazy()
+                call = state._make_function(
+                    args, kwargs, on_start=functools.partial(self._on_start, handle, attempt))
+                log_enter(handle, ex_name, loop.time())
+                result = await executor.run(call)
+            except asyncio.CancelledError:
+                if not handle._timed_out or handle.done():
+                    if handle._finish(_CANCELLED):
+                        log_exit(handle, ex_name, loop.time())
+                        raise  # stopped from outside: let the cancellation through
+                    return  # handle.cancel(): the handle already says CANCELLED
+                _uncancel(handle._task)
+                failure: BaseException = StateTimeoutError(
+                    f"state {state.name!r} ({state.func_name}) ran past its timeout of "
+                    f"{state.timeout} s on {ex_name}")
+            except Exception as error:
+                failure = error
+            else:
+                if handle._finish(_SUCCEEDED, result):
+                    log_exit(handle, ex_name, loop.time())
+                return
+            if handle.done():
+                return
+            timer = handle._timer
+            if timer is not None:
+                timer.cancel()
+                handle._timer = None
+            if attempt <= state.retries:
+                log_retry(handle, ex_name, failure)
+                continue
+            handle._finish(_FAILED, exc=failure)
+            log_failure(handle, ex_name, failure)
+            return
+
+    def _on_start(self, handle: StateHandle, attempt: int) -> None:
+        loop = self._loop
+        assert loop is not None
+        handle.started_at = loop.time()
+        timeout = handle.state.timeout
+        if timeout is not None and handle.attempts == attempt and not handle.done():
+            handle._timer = loop.call_later(timeout, self._time_out, handle, attempt)
+
+    def _time_out(self, handle: StateHandle, attempt: int) -> None:
+        handle._timer = None
+        task = handle._task
+        if handle.attempts == attempt and not handle.done() and task is not None:
+            handle._timed_out = True
+            logger.warning("state %r (%s) timed out after %s s on %s (attempt %d)",
+                           handle.state.name, handle.state.func_name, handle.state.timeout,
+                           handle._executor_name, attempt)
+            task.cancel()
+
+    async def _enter_now(self, state: State) -> StateHandle:
+        """Run ``state`` at once, outside the queue (``State.enter_state``)."""
+        self._check_state(state)
+        loop = self._bind_loop()
+        handle = StateHandle(state, self, loop.time(), contextvars.copy_context())
+        self._counts[_QUEUED] += 1
+        self._unfinished += 1
+        self._spawn(self._detached(handle), None)
+        return handle
+
+    async def _detached(self, handle: StateHandle) -> None:
+        event = handle.state.event
+        if event is not None and not event.is_set():
+            handle._set_status(_WAITING)
+            await self._await_own(self._spawn(event.wait(), handle), handle)
+            if handle.done():
+                return
+        task = self._spawn(self._run(handle), handle)
+        await asyncio.wait([task])
+
+    # -- stopping ----------------------------------------------------------------------------
+
+    def signal_stopping(self) -> None:
+        """Stop: no new states; queued ones end CANCELLED; running ones are cancelled.
+
+        Synchronous and idempotent; safe from any thread and from a signal handler.
+        ``process_states()`` returns once the cleanup is done.
+        """
+        if self._stop_requested:
+            return
+        self._stop_requested = True
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._on_stop()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._on_stop)
+
+    def _on_stop(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+        current = self._current
+        if current is not None:
+            current.cancel()
+        for fut in self._put_waiters:
+            if not fut.done():
+                fut.set_result(None)
+        if self._main_task is None and not self._stopped:
+            self._bg_task = self._spawn(self._shutdown(), None)
+
+    async def _shutdown(self) -> None:
+        self._stop_requested = True
+        while self._queue:
+            self._queue.popleft().cancel()
+        for fut in self._put_waiters:
+            if not fut.done():
+                fut.set_result(None)
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.shutdown_grace + 1.0)
+        for handle in list(self._running):
+            handle.cancel()
+        for name, ex in list(self._executors.items()):
+            try:
+                await ex.shutdown(cancel=True)
+            except Exception:
+                logger.exception("executor %r failed to shut down", name)
+        self._stopped = True
+        logger.debug("manager stopped: %s", dict(self._counts))
+
+    # -- async with ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> StateManager:
+        if self._main_task is not None or self._bg_task is not None:
+            raise RuntimeError("process_states() is already running for this manager")
+        self._bind_loop()
+        self._bg_task = asyncio.get_running_loop().create_task(self.process_states())
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        bg = self._bg_task
+        try:
+            if exc_type is None and bg is not None:
+                joiner = asyncio.ensure_future(self.join())
+                await asyncio.wait([joiner, bg], return_when=asyncio.FIRST_COMPLETED)
+                joiner.cancel()
+        finally:
+            self.signal_stopping()
+            if bg is not None:
+                await asyncio.wait([bg])
+                self._bg_task = None
+                if not bg.cancelled() and bg.exception() is not None and exc_type is None:
+                    raise bg.exception()  # type: ignore[misc]
+
+    # -- observability ---------------------------------------------------------------------
+
+    def stats(self) -> ManagerStats:
+        """A frozen snapshot: counts by status and by executor, and what runs now."""
+        loop = self._loop
+        return snapshot(self._counts, self._by_executor, self._running,
+                        loop.time() if loop is not None else 0.0)
+
+    def __repr__(self) -> str:
+        phase = "stopped" if self._stopped else "stopping" if self._stop_requested else "open"
+        return (f"<StateManager {phase} queued={self._counts[_QUEUED]} "
+                f"running={len(self._running)} unfinished={self._unfinished}>")
+
+
+def _cancelling(task: asyncio.Task[Any] | None) -> bool:
+    """True when ``task`` itself has a cancellation pending (3.11+; False before)."""
+    if task is None:
+        return False
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else False
+
+
+def _uncancel(task: asyncio.Future[Any] | None) -> None:
+    uncancel = getattr(task, "uncancel", None)
+    if uncancel is not None:
+        uncancel()

@@ -1,0 +1,196 @@
+"""State: a named piece of work, how it runs, and its validation."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from executors import registry
+from executors.base import Executor, PreparedCall
+
+from .errors import LazyArgumentError
+from .naming import func_name as _func_name
+from .naming import is_coroutine_callable
+
+if TYPE_CHECKING:
+    from .handle import StateHandle
+
+__all__ = ["State"]
+
+_EMPTY: dict[str, Any] = {}
+
+
+class State:
+    """A named unit of work for a :class:`~engine.StateManager`.
+
+    ``func(*args, *resolved_lazy_args, **kwargs, **resolved_lazy_kwargs)`` runs in the executor the
+    state names (see the README's table); ``is_blocking`` states are dispatched without waiting.
+    Every bad argument raises ``TypeError`` or ``ValueError`` naming the state and the field.
+    """
+
+    __slots__ = (
+        "_has_lazy",
+        "args",
+        "event",
+        "executor",
+        "executor_name",
+        "func",
+        "func_name",
+        "is_blocking",
+        "is_coro",
+        "kwargs",
+        "lazy_args",
+        "lazy_kwargs",
+        "name",
+        "retries",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        func: Callable[..., Any],
+        is_blocking: bool = False,
+        *,
+        lazy_args: Sequence[Any] = (),
+        lazy_kwargs: Mapping[str, Any] | None = None,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        event: asyncio.Event | None = None,
+        event_to_wait: asyncio.Event | None = None,
+        executor: str | Executor | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"State name must be a non-empty str, got {name!r}")
+        self.name = name
+        if not callable(func):
+            raise TypeError(self._field("func", "must be callable", func))
+        self.func = func
+        self.is_blocking = bool(is_blocking)
+        self.lazy_args = self._sequence("lazy_args", lazy_args)
+        self.args = self._sequence("args", args)
+        self.lazy_kwargs = self._mapping("lazy_kwargs", lazy_kwargs)
+        self.kwargs = self._mapping("kwargs", kwargs)
+        if event is not None and event_to_wait is not None:
+            raise ValueError(f"State {name!r}: give 'event' or its alias 'event_to_wait', not both")
+        gate = event if event is not None else event_to_wait
+        if gate is not None and not isinstance(gate, asyncio.Event):
+            raise TypeError(self._field("event", "must be an asyncio.Event", gate))
+        self.event = gate
+        self.timeout = self._timeout(timeout)
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(self._field("retries", "must be an int >= 0", retries))
+        self.retries = retries
+        self.func_name = _func_name(func)
+        self.is_coro = is_coroutine_callable(func)
+        self.executor = executor
+        self.executor_name = self._executor_name(executor)
+        self._has_lazy = bool(self.lazy_args or self.lazy_kwargs)
+
+    # -- validation helpers ----------------------------------------------------------------
+
+    def _field(self, field: str, rule: str, value: Any) -> str:
+        return f"State {self.name!r}: field {field!r} {rule}, got {value!r}"
+
+    def _sequence(self, field: str, value: Any) -> tuple[Any, ...]:
+        if not isinstance(value, (tuple, list)):
+            raise TypeError(self._field(field, "must be a tuple or list", value))
+        return tuple(value)
+
+    def _mapping(self, field: str, value: Any) -> dict[str, Any]:
+        if value is None:
+            return _EMPTY
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise TypeError(self._field(field, "must be a mapping with str keys", value))
+        return dict(value)
+
+    def _timeout(self, timeout: Any) -> float | None:
+        if timeout is None:
+            return None
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError(self._field("timeout", "must be a number of seconds", timeout))
+        if not timeout > 0:
+            raise ValueError(self._field("timeout", "must be > 0", timeout))
+        return float(timeout)
+
+    def _executor_name(self, executor: str | Executor | None) -> str:
+        if executor is None:
+            if self.is_coro:
+                return "inline"
+            return "thread" if self.is_blocking else "inline"
+        if isinstance(executor, Executor):
+            name = executor.name
+        elif isinstance(executor, str):
+            if not registry.is_known(executor):
+                raise ValueError(self._field(
+                    "executor",
+                    f"must be one of {', '.join(registry.known_names())} or an Executor", executor))
+            name = executor
+        else:
+            raise TypeError(self._field("executor", "must be a name or an Executor", executor))
+        if name == "inline" and self.is_blocking and not self.is_coro:
+            raise ValueError(self._field(
+                "executor", "cannot be 'inline' for a blocking plain function (it would freeze "
+                "the event loop); use 'thread' or 'process'", executor))
+        return name
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def _resolve_lazy(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Positional and keyword arguments with the lazy ones resolved (loop thread)."""
+        if not self._has_lazy:
+            return self.args, self.kwargs
+        args = list(self.args)
+        for index, item in enumerate(self.lazy_args):
+            args.append(await self._resolve_one(item, f"lazy_args[{index}]"))
+        kwargs = dict(self.kwargs)
+        for key, item in self.lazy_kwargs.items():
+            kwargs[key] = await self._resolve_one(item, f"lazy_kwargs[{key!r}]")
+        return tuple(args), kwargs
+
+    async def _resolve_one(self, item: Any, where: str) -> Any:
+        if not callable(item):
+            return item
+        try:
+            value = item()
+            if inspect.isawaitable(value):
+                value = await value
+        except Exception as exc:
+            raise LazyArgumentError(
+                f"State {self.name!r}: lazy argument {where} ({_func_name(item)}) raised "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return value
+
+    def _make_function(self, args: tuple[Any, ...] | None = None,
+                       kwargs: dict[str, Any] | None = None, *,
+                       on_start: Callable[[], None] | None = None) -> PreparedCall:
+        """The call the chosen executor runs: ``func`` with these (resolved) arguments."""
+        return PreparedCall(
+            self.name, self.func_name, self.func,
+            self.args if args is None else args,
+            self.kwargs if kwargs is None else kwargs,
+            is_coro=self.is_coro, is_blocking=self.is_blocking, timeout=self.timeout,
+            on_start=on_start,
+        )
+
+    async def enter_state(self) -> Any:
+        """Run this state once, now, outside any queue, on the process-wide manager.
+
+        Returns the result (raising the state's exception); for a blocking state, returns the
+        :class:`StateHandle` as soon as it has been dispatched.
+        """
+        from .manager import StateManager
+
+        handle: StateHandle = await StateManager.instance()._enter_now(self)
+        if self.is_blocking:
+            return handle
+        return await handle
+
+    def __repr__(self) -> str:
+        return (f"State({self.name!r}, {self.func_name}, is_blocking={self.is_blocking}, "
+                f"executor={self.executor_name!r})")

@@ -1,0 +1,53 @@
+"""The frozen snapshot ``StateManager.stats()`` returns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .handle import StateHandle, StateStatus
+
+__all__ = ["ManagerStats", "snapshot"]
+
+
+@dataclass(frozen=True)
+class ManagerStats(Mapping[str, Any]):
+    """``by_status`` (status name -> count), ``by_executor`` (executor name -> states run),
+    ``running`` (one dict per running state: name, executor, age in seconds).
+
+    Reads as a mapping too: ``dict(manager.stats())`` and ``stats["by_status"]`` work.
+    """
+
+    by_status: dict[str, int]
+    by_executor: dict[str, int]
+    running: list[dict[str, Any]]
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+    @classmethod
+    def _keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+def snapshot(counts: Mapping[StateStatus, int], by_executor: Mapping[str, int],
+             running: Iterable[StateHandle], now: float) -> ManagerStats:
+    return ManagerStats(
+        by_status={status.name: n for status, n in counts.items()},
+        by_executor=dict(by_executor),
+        running=[
+            {"name": h.state.name, "executor": h._executor_name or h.state.executor_name,
+             "age": now - (h.started_at if h.started_at is not None else h.queued_at)}
+            for h in running
+        ],
+    )
