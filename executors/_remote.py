@@ -1,0 +1,245 @@
+"""Carrying a prepared call to a worker process and its outcome back, shared by process backends.
+
+The parent turns a call into bytes with :func:`dumps_call`; the worker runs them with
+:func:`run_pickled` (or :func:`run_pickled_async` inside a running event loop) and answers with
+bytes; the parent turns those back into the result, or raises, with :func:`loads_outcome`.
+Everything travels as cloudpickle bytes, so the transport (loky, aiomultiprocess, a pipe) only ever
+moves ``bytes`` and never fails to pickle on its own threads.
+
+* An object that cannot be pickled (the function, an argument, the result, the exception) becomes
+  a :class:`~engine.errors.SerializationError` naming the state and the object's type.
+* An exception raised by the function keeps its type; the worker's formatted traceback is its
+  ``__cause__`` (a :class:`RemoteTraceback`), as ``concurrent.futures`` does.
+* A ``BaseException`` that is not an ``Exception`` (``SystemExit``, ``KeyboardInterrupt``) is not
+  sent back as it is: raised in the parent it would stop the event loop. It becomes a
+  :class:`~engine.errors.WorkerCrashedError` naming the state, with the exit code of ``SystemExit``.
+
+Pickling is CPU work that grows with the payload: :class:`OffLoop` does it on a private thread
+so that the event loop thread never pickles a large payload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import pickle
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import cloudpickle
+
+from engine.errors import SerializationError, WorkerCrashedError
+
+from .base import PreparedCall
+
+__all__ = [
+    "INLINE_LOADS_LIMIT",
+    "OffLoop",
+    "RemoteTraceback",
+    "dumps_call",
+    "loads_outcome",
+    "run_pickled",
+    "run_pickled_async",
+]
+
+_T = TypeVar("_T")
+
+#: An outcome up to this many bytes is unpickled on the calling (loop) thread by ``OffLoop``.
+INLINE_LOADS_LIMIT = 64 * 1024
+
+_OK = "ok"
+_ERR = "err"
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker process, attached as its ``__cause__``."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+def type_name(obj: object) -> str:
+    """``module.QualName`` of ``obj``'s type (``list``, ``_thread.lock``, ``mymod.Point``)."""
+    cls = type(obj)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _dumps(obj: object) -> bytes:
+    data: bytes = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return data
+
+
+# -- parent side: the call ------------------------------------------------------------------
+
+
+def dumps_call(call: PreparedCall) -> bytes:
+    """Cloudpickle ``call`` for :func:`run_pickled`; an unpicklable part is a SerializationError."""
+    try:
+        return _dumps((call.state_name, call.fn, call.args, call.kwargs))
+    except Exception as exc:
+        what, obj = _find_unpicklable(call)
+        raise SerializationError(
+            f"cannot send state {call.state_name!r} to a worker process: its {what} of type "
+            f"{type_name(obj)} cannot be pickled ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _find_unpicklable(call: PreparedCall) -> tuple[str, object]:
+    """Which part of ``call`` does not pickle: ``("function", fn)``, ``("argument 1", x)``..."""
+    parts: list[tuple[str, object]] = [("function", call.fn)]
+    parts += [(f"argument {i}", arg) for i, arg in enumerate(call.args)]
+    parts += [(f"keyword argument {key!r}", value) for key, value in call.kwargs.items()]
+    for what, obj in parts:
+        try:
+            _dumps(obj)
+        except Exception:
+            return what, obj
+    return "call", call  # each part pickles alone, not together (a shared object's state?)
+
+
+# -- worker side ----------------------------------------------------------------------------
+
+
+def run_pickled(payload: bytes) -> bytes:
+    """Run a call made by :func:`dumps_call`; a coroutine runs under its own ``asyncio.run``.
+
+    Returns the pickled outcome for :func:`loads_outcome`. Never raises.
+    """
+    state_name = "?"
+    try:
+        state_name, fn, args, kwargs = pickle.loads(payload)
+        result = fn(*args, **kwargs)
+        if inspect.isawaitable(result):
+            result = asyncio.run(_await(result))
+    except BaseException as exc:
+        return _dumps_error(state_name, exc)
+    return _dumps_result(state_name, result)
+
+
+async def run_pickled_async(payload: bytes) -> bytes:
+    """:func:`run_pickled` for a worker that already runs an event loop: awaits a coroutine."""
+    state_name = "?"
+    try:
+        state_name, fn, args, kwargs = pickle.loads(payload)
+        result = fn(*args, **kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        return _dumps_error(state_name, exc)
+    return _dumps_result(state_name, result)
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def _dumps_result(state_name: str, result: object) -> bytes:
+    try:
+        return _dumps((_OK, result))
+    except Exception as exc:
+        error = SerializationError(
+            f"state {state_name!r} returned a {type_name(result)} that cannot be pickled back "
+            f"to the parent process ({type(exc).__name__}: {exc})"
+        )
+        return _dumps_error(state_name, error, _format(exc))
+
+
+def _dumps_error(state_name: str, exc: BaseException, tb: str | None = None) -> bytes:
+    if tb is None:
+        tb = _format(exc)
+    if not isinstance(exc, Exception):
+        exc = _crash_for(state_name, exc)
+    exc.__traceback__ = None  # its frames may hold what does not pickle
+    try:
+        data = _dumps((_ERR, exc, tb))
+        pickle.loads(data)  # an exception class with a custom __init__ may not rebuild
+        return data
+    except Exception as pickling_exc:
+        error = SerializationError(
+            f"state {state_name!r} raised {type_name(exc)}({exc}), which cannot be pickled "
+            f"back to the parent process ({type(pickling_exc).__name__}: {pickling_exc})"
+        )
+        return _dumps((_ERR, error, tb))
+
+
+def _crash_for(state_name: str, exc: BaseException) -> WorkerCrashedError:
+    if isinstance(exc, SystemExit):
+        code = exc.code if isinstance(exc.code, int) or exc.code is None else 1
+        return WorkerCrashedError(
+            f"state {state_name!r} called sys.exit({exc.code!r}) in its worker process",
+            state_name=state_name,
+            exitcode=code or 0,
+        )
+    return WorkerCrashedError(
+        f"state {state_name!r} raised {type_name(exc)} in its worker process",
+        state_name=state_name,
+    )
+
+
+def _format(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+# -- parent side: the outcome ---------------------------------------------------------------
+
+
+def loads_outcome(data: bytes) -> Any:
+    """The result carried by ``data``, or raise its exception (``__cause__``: the worker's
+    traceback)."""
+    try:
+        outcome = pickle.loads(data)
+    except Exception as exc:
+        raise SerializationError(
+            f"the outcome of a worker process ({len(data)} bytes) cannot be unpickled here "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    if outcome[0] == _OK:
+        return outcome[1]
+    _, error, tb = outcome
+    raise error from RemoteTraceback(tb)
+
+
+class OffLoop:
+    """A private one-thread pool that pickles and unpickles away from the event loop thread.
+
+    ``dumps_call`` always runs on the thread (its size is unknown until it is done);
+    ``loads_outcome`` runs inline up to ``INLINE_LOADS_LIMIT`` bytes. ``close()`` joins the
+    thread; it is safe to call twice, and the pool restarts on next use.
+    """
+
+    def __init__(self, name: str = "statepool-pickle") -> None:
+        self._name = name
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _thread_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
+        return self._pool
+
+    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` on the private thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread_pool(), fn, *args)
+
+    async def dumps_call(self, call: PreparedCall) -> bytes:
+        return await self.run(dumps_call, call)
+
+    async def loads_outcome(self, data: bytes) -> Any:
+        if len(data) <= INLINE_LOADS_LIMIT:
+            return loads_outcome(data)
+        return await self.run(loads_outcome, data)
+
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
