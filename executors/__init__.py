@@ -19,17 +19,17 @@ if TYPE_CHECKING:
     from .loky import LokyExecutor
 
 __all__ = [
-    "Executor",
-    "PreparedCall",
-    "InlineExecutor",
-    "ThreadExecutor",
-    "LokyExecutor",
+    "ENTRY_POINT_GROUP",
     "AioProcessExecutor",
     "DaskExecutor",
-    "register",
+    "Executor",
+    "InlineExecutor",
+    "LokyExecutor",
+    "PreparedCall",
+    "ThreadExecutor",
     "create",
     "known_names",
-    "ENTRY_POINT_GROUP",
+    "register",
 ]
 
 _LAZY = {"LokyExecutor": "process", "AioProcessExecutor": "aioprocess", "DaskExecutor": "dask"}

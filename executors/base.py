@@ -24,8 +24,17 @@ __all__ = ["Executor", "PreparedCall"]
 class PreparedCall:
     """One attempt of a state, ready to run: ``fn(*args, **kwargs)`` plus what a backend needs."""
 
-    __slots__ = ("state_name", "func_name", "fn", "args", "kwargs", "is_coro", "is_blocking",
-                 "timeout", "_on_start")
+    __slots__ = (
+        "_on_start",
+        "args",
+        "fn",
+        "func_name",
+        "is_blocking",
+        "is_coro",
+        "kwargs",
+        "state_name",
+        "timeout",
+    )
 
     def __init__(
         self,

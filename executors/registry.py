@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 
 from .base import Executor
 
-__all__ = ["register", "create", "known_names", "ENTRY_POINT_GROUP"]
+__all__ = ["ENTRY_POINT_GROUP", "create", "known_names", "register"]
 
 ENTRY_POINT_GROUP = "statepool.executors"
 logger = logging.getLogger("engine")
