@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import threading
 import time
@@ -51,7 +52,6 @@ async def test_fifo_and_non_blocking_states_run_one_after_another() -> None:
 
 
 async def test_blocking_states_run_side_by_side() -> None:
-    log, rec = recorder()
     both = asyncio.Event()
     seen: list[str] = []
 
@@ -461,7 +461,7 @@ async def test_stats_snapshot() -> None:
         (running,) = as_dict["running"]
         assert running["name"] == "svc" and running["executor"] == "inline"
         assert running["age"] >= 0
-        with pytest.raises(Exception):
+        with pytest.raises(dataclasses.FrozenInstanceError):
             stats.by_status = {}  # type: ignore[misc]
         release.set()
         await svc
@@ -479,7 +479,7 @@ async def test_handle_awaited_on_another_loop_is_a_clear_error() -> None:
 
             try:
                 asyncio.run(wait())
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 errors.append(exc)
 
         thread = threading.Thread(target=other_loop)

@@ -61,7 +61,7 @@ def test_every_state_ends_once_with_the_right_outcome(specs: list[dict]) -> None
         async with StateManager() as m:
             states = [build(i, s, runs) for i, s in enumerate(specs)]
             handles = []
-            for state, s in zip(states, specs):
+            for state, s in zip(states, specs, strict=True):
                 handle = await m.put_state(state)
                 if s["cancel"]:
                     handle.cancel()
@@ -70,7 +70,7 @@ def test_every_state_ends_once_with_the_right_outcome(specs: list[dict]) -> None
             stats = m.stats()["by_status"]
         assert sum(stats[s.name] for s in TERMINAL) == len(handles)
         assert stats["QUEUED"] == stats["WAITING"] == stats["RUNNING"] == 0
-        for i, (handle, s) in enumerate(zip(handles, specs)):
+        for i, (handle, s) in enumerate(zip(handles, specs, strict=True)):
             assert handle.status in TERMINAL
             if s["cancel"]:
                 assert handle.status is StateStatus.CANCELLED
