@@ -1,0 +1,114 @@
+"""The child side of ``"aioprocess"``: the frames on the wire and the loop every child runs.
+
+Parent and child talk over one socketpair. A frame is a header ``(kind, task id, length)`` and
+``length`` bytes. The parent sends ``RUN`` (a ``dumps_call`` payload) and ``CANCEL``; the child
+sends ``READY`` once (its PID as the id), then ``DONE`` (a pickled outcome) or ``CANCELLED`` (the
+task ended on a cancellation) for each ``RUN``. End of file from the parent means stop.
+
+The child is aiomultiprocess's ``Process`` (its start method, event loop set-up, ``initializer``
+and ``loop_initializer``) running :func:`child_main`, a module-level coroutine: cloudpickled bytes
+travel through it, so lambdas and closures work where aiomultiprocess's plain pickle hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import socket
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import aiomultiprocess
+from aiomultiprocess.core import get_context
+from aiomultiprocess.types import Unit
+
+from ._remote import run_pickled_async
+
+__all__ = [
+    "CANCEL",
+    "CANCELLED",
+    "DONE",
+    "HEADER",
+    "READY",
+    "RUN",
+    "ChildProcess",
+    "child_main",
+    "frame",
+]
+
+HEADER = struct.Struct("!BQQ")
+RUN, CANCEL, READY, DONE, CANCELLED = 1, 2, 3, 4, 5
+
+
+def frame(kind: int, tid: int, body: bytes = b"") -> bytes:
+    """One frame: the header, then the body."""
+    return HEADER.pack(kind, tid, len(body)) + body
+
+
+class ChildProcess(aiomultiprocess.Process):  # type: ignore[misc]
+    """aiomultiprocess's ``Process`` running :func:`child_main` on one end of a socketpair.
+
+    ``Process.__init__`` is skipped on purpose: it creates a ``Namespace`` on aiomultiprocess's
+    shared manager, which would start a manager process that only ``Worker`` results need.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        name: str,
+        initializer: Callable[..., None] | None = None,
+        initargs: Sequence[Any] = (),
+        loop_initializer: Callable[..., asyncio.AbstractEventLoop] | None = None,
+    ) -> None:
+        self.unit = Unit(
+            target=child_main,
+            args=(sock,),
+            kwargs={},
+            namespace=None,
+            initializer=initializer,
+            initargs=initargs,
+            loop_initializer=loop_initializer,
+        )
+        self.aio_process = get_context().Process(
+            target=aiomultiprocess.Process.run_async, args=(self.unit,), name=name, daemon=True
+        )
+
+
+async def child_main(sock: socket.socket) -> None:
+    """Run every ``RUN`` frame as a task of this loop until the parent closes the socket."""
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(frame(READY, os.getpid()))
+    tasks: dict[int, asyncio.Task[bytes]] = {}
+    try:
+        while True:
+            try:
+                kind, tid, size = HEADER.unpack(await reader.readexactly(HEADER.size))
+                body = await reader.readexactly(size) if size else b""
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            if kind == RUN:
+                task = asyncio.create_task(run_pickled_async(body))
+                tasks[tid] = task
+                task.add_done_callback(functools.partial(_report, writer, tasks, tid))
+            elif kind == CANCEL and tid in tasks:
+                tasks[tid].cancel()
+    finally:
+        for task in tasks.values():
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+        writer.close()
+
+
+def _report(writer: asyncio.StreamWriter, tasks: dict[int, asyncio.Task[bytes]], tid: int,
+            task: asyncio.Task[bytes]) -> None:
+    tasks.pop(tid, None)
+    if writer.is_closing():
+        return
+    if task.cancelled():
+        writer.write(frame(CANCELLED, tid))
+    else:
+        writer.write(frame(DONE, tid, task.result()))

@@ -1,0 +1,193 @@
+"""The parent side of one ``"aioprocess"`` child: start it, send it frames, read its answers.
+
+A child's death shows as end of file on its socket (the kernel closes it when the process dies,
+however it dies); :meth:`ChildHandle.serve`'s reader then reaps the process and reports its exit
+code. Nothing polls while a child is healthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from engine.errors import WorkerCrashedError
+
+from ._aio_child import HEADER, READY, ChildProcess
+from .base import PreparedCall
+
+__all__ = ["ChildHandle", "Job", "describe_exit"]
+
+logger = logging.getLogger("engine")
+
+REAP_GRACE_S = 1.0  # after end of file, how long a child may take to exit before it is killed
+
+
+@dataclass(eq=False)
+class Job:
+    """One call on its way through the executor (it may be sent again after a deliberate kill)."""
+
+    tid: int
+    call: PreparedCall
+    payload: bytes
+    future: asyncio.Future[tuple[int, bytes]] | None = None
+    child: ChildHandle | None = None
+    abandoned: bool = False
+    reruns: int = 0
+    killer: asyncio.TimerHandle | None = None
+
+
+def describe_exit(code: int | None) -> str:
+    """``exited with code 1``, ``was killed by signal SIGSEGV (11)``."""
+    if code is None:
+        return "ended without an exit code"
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by signal {signal.Signals(-code).name} ({-code})"
+    except ValueError:
+        return f"was killed by signal {-code}"
+
+
+FrameHandler = Callable[["ChildHandle", int, int, bytes], None]
+LostHandler = Callable[["ChildHandle", "int | None"], None]
+
+
+class ChildHandle:
+    """One live child process, its socket and the jobs it holds."""
+
+    def __init__(self, index: int, proc: ChildProcess, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.index = index
+        self.proc = proc
+        self.pid: int = proc.pid or 0
+        self.reader, self.writer = reader, writer
+        self.in_flight: dict[int, Job] = {}
+        self.killed_for: str | None = None  # why we killed it on purpose, if we did
+        self.exitcode: int | None = None
+        self.alive = True
+        self._released = False  # proc.close() done: no more signals or exit-code polls
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def spawn(
+        cls,
+        index: int,
+        *,
+        timeout: float,
+        initializer: Callable[..., None] | None,
+        initargs: Sequence[Any],
+        loop_initializer: Callable[..., asyncio.AbstractEventLoop] | None,
+    ) -> ChildHandle:
+        """Start a child and wait for its ``READY`` frame."""
+        parent_sock, child_sock = socket.socketpair()
+        proc = ChildProcess(child_sock, name=f"statepool-aioprocess-{index}",
+                            initializer=initializer, initargs=initargs,
+                            loop_initializer=loop_initializer)
+        try:
+            proc.start()  # Popen forks and writes the spawn data: about 1 ms
+        except BaseException:
+            parent_sock.close()
+            raise
+        finally:
+            child_sock.close()
+        reader, writer = await asyncio.open_connection(sock=parent_sock)
+        child = cls(index, proc, reader, writer)
+        try:
+            header = await asyncio.wait_for(reader.readexactly(HEADER.size), timeout)
+            kind = HEADER.unpack(header)[0]
+            if kind != READY:
+                raise ConnectionError(f"unexpected frame {kind} before READY")
+        except BaseException as exc:
+            child.kill("it did not start")
+            code = await child.reap()
+            child.close()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise WorkerCrashedError(
+                f"aioprocess child {index} (pid {child.pid}) failed to start: it "
+                f"{describe_exit(code)} ({type(exc).__name__})",
+                exitcode=code,
+            ) from exc
+        return child
+
+    def serve(self, on_frame: FrameHandler, on_lost: LostHandler) -> None:
+        """Read frames until end of file, then reap the process and call ``on_lost``."""
+        self._task = asyncio.create_task(self._read_loop(on_frame, on_lost),
+                                         name=f"statepool-aioprocess-reader-{self.pid}")
+
+    async def _read_loop(self, on_frame: FrameHandler, on_lost: LostHandler) -> None:
+        reader = self.reader
+        try:
+            while True:
+                kind, tid, size = HEADER.unpack(await reader.readexactly(HEADER.size))
+                body = await reader.readexactly(size) if size else b""
+                try:
+                    on_frame(self, kind, tid, body)
+                except Exception:  # a bug of ours must not stop the reader: the jobs would hang
+                    logger.exception("aioprocess: failed to handle frame %d of child %d",
+                                     kind, self.pid)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        self.alive = False
+        code = await self.reap()
+        self.close()
+        on_lost(self, code)
+
+    def send(self, data: bytes) -> None:
+        if self.alive and not self.writer.is_closing():
+            self.writer.write(data)
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL the child (idempotent); its reader then reports it lost."""
+        if self.killed_for is None:
+            self.killed_for = reason
+        if not self._released and self.proc.exitcode is None:
+            self.proc.kill()
+
+    def end_input(self) -> None:
+        """Close our sending side: the child finishes what it runs, then exits."""
+        if not self.writer.is_closing():
+            self.writer.write_eof()
+
+    async def reap(self) -> int | None:
+        """Wait for the process to exit (killing it past ``REAP_GRACE_S``); its exit code."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REAP_GRACE_S
+        delay = 0.0005
+        while (code := self._poll()) is None:
+            if loop.time() > deadline:
+                self.kill("it closed its socket but did not exit")
+                deadline = loop.time() + REAP_GRACE_S
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.02)
+        self.exitcode = code
+        return code
+
+    def _poll(self) -> int | None:
+        code: int | None = self.proc.exitcode
+        return code
+
+    async def wait_closed(self, timeout: float) -> None:
+        """Wait until the child is gone and reaped, killing it past ``timeout``."""
+        if self._task is None:
+            return
+        done, _ = await asyncio.wait({self._task}, timeout=timeout)
+        if not done:
+            self.kill("it did not stop in time")
+            await self._task
+
+    def close(self) -> None:
+        self.alive = False
+        self.writer.close()
+        if not self._released and self.proc.exitcode is not None:
+            self._released = True
+            self.proc.close()
+
+    def __repr__(self) -> str:
+        state = "alive" if self.alive else describe_exit(self.exitcode)
+        return f"<ChildHandle {self.index} pid={self.pid} {state} jobs={len(self.in_flight)}>"

@@ -1,0 +1,407 @@
+"""``"aioprocess"``: coroutine functions run concurrently in the event loops of child processes.
+
+Each child is an aiomultiprocess ``Process`` (its start method, loop set-up, ``initializer`` and
+``loop_initializer``) running up to ``childconcurrency`` coroutines at once. aiomultiprocess's
+``Pool`` is not used: it cannot say which child holds which task, hangs when a child dies, polls
+every 5 ms and cannot stop a running task. Instead every child has its own socketpair, read by the
+parent's event loop, and the executor knows what each child holds:
+
+* a child that dies (exit, signal, segfault) fails the states it held with
+  :class:`~engine.errors.WorkerCrashedError` (naming the state, the PID and the exit code or
+  signal) as soon as its socket closes; a new child takes its place;
+* a cancelled call (the state was cancelled or timed out) is cancelled inside its child; if it has
+  not ended ``cancel_grace`` seconds later (it blocks the child's loop or ignores the
+  cancellation), the child is killed, and the other calls it held are sent again to another child
+  (each at most ``MAX_RERUNS`` times; past that they fail with ``WorkerCrashedError``);
+* calls and outcomes travel as cloudpickle bytes (``executors._remote``): lambdas and closures
+  work, exceptions keep their type, with the child's traceback as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from engine.errors import WorkerCrashedError
+
+from ._aio_child import CANCEL, CANCELLED, DONE, RUN, frame
+from ._aio_worker import ChildHandle, Job, describe_exit
+from ._remote import OffLoop
+from .base import Executor, PreparedCall
+
+__all__ = ["AioProcessExecutor"]
+
+logger = logging.getLogger("engine")
+
+MAX_RERUNS = 2  # times an innocent call is sent again after its child was killed on purpose
+_RERUN = -1  # the job's future answers this kind: send it again
+_STOP_TIMEOUT_S = 5.0
+
+
+class _Phase(enum.Enum):
+    IDLE = "idle"  # no children (never started, or shut down: start() may run again)
+    STARTING = "starting"
+    RUNNING = "running"
+    CLOSING = "closing"
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class AioProcessExecutor(Executor):
+    """Coroutine functions in ``processes`` child event loops, ``childconcurrency`` per child."""
+
+    name = "aioprocess"
+
+    def __init__(
+        self,
+        processes: int | None = None,
+        childconcurrency: int = 16,
+        *,
+        cancel_grace: float = 0.5,
+        start_timeout: float = 60.0,
+        initializer: Callable[..., None] | None = None,
+        initargs: Sequence[Any] = (),
+        loop_initializer: Callable[..., asyncio.AbstractEventLoop] | None = None,
+    ) -> None:
+        if processes is not None and processes < 1:
+            raise ValueError(f"aioprocess: processes must be >= 1, got {processes!r}")
+        if childconcurrency < 1:
+            raise ValueError(f"aioprocess: childconcurrency must be >= 1, got {childconcurrency!r}")
+        if cancel_grace < 0:
+            raise ValueError(f"aioprocess: cancel_grace must be >= 0, got {cancel_grace!r}")
+        self.processes = processes or _usable_cores()
+        self.childconcurrency = childconcurrency
+        self.cancel_grace = cancel_grace
+        self.start_timeout = start_timeout
+        self._child_options: dict[str, Any] = {
+            "initializer": initializer, "initargs": tuple(initargs),
+            "loop_initializer": loop_initializer,
+        }
+        self._phase = _Phase.IDLE
+        self._children: list[ChildHandle] = []
+        self._spawning = 0
+        self._spawn_error: BaseException | None = None
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._ids = itertools.count(1)
+        self._index = itertools.count()
+        self._started: asyncio.Future[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._queued = 0  # run() calls waiting in line for a slot
+        self._drained: list[asyncio.Future[None]] = []  # shutdown(cancel=False) waits on these
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pickler = OffLoop("statepool-aioprocess-pickle")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start every child and wait until each one is ready (pre-warm)."""
+        if self._phase is _Phase.RUNNING:
+            return
+        if self._phase is _Phase.CLOSING:
+            raise RuntimeError("aioprocess executor is shutting down; cannot start it")
+        if self._started is None:
+            self._phase = _Phase.STARTING
+            self._loop = asyncio.get_running_loop()
+            self._started = self._loop.create_future()
+            try:
+                outcomes = await asyncio.gather(
+                    *(self._spawn() for _ in range(self.processes)), return_exceptions=True
+                )
+                for outcome in outcomes:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+            except BaseException as exc:
+                self._started.set_exception(exc)
+                self._started.exception()  # retrieved: a later start() tries again
+                self._started = None
+                await self._stop_children(graceful=False)
+                self._phase = _Phase.IDLE
+                raise
+            self._phase = _Phase.RUNNING
+            self._started.set_result(None)
+            logger.debug("aioprocess: %d children ready: %s", self.processes, self.worker_pids())
+        else:
+            await asyncio.shield(self._started)
+
+    async def shutdown(self, *, cancel: bool) -> None:
+        """Stop every child; ``cancel=True`` kills them now, else running calls finish first."""
+        if self._phase is _Phase.STARTING and self._started is not None:
+            await asyncio.wait({self._started})
+        if self._phase is not _Phase.RUNNING:
+            self._pickler.close()
+            return
+        self._phase = _Phase.CLOSING
+        if cancel:
+            for waiter in self._waiters:
+                waiter.cancel()
+            for child in self._children:
+                for job in child.in_flight.values():
+                    self._drop(job)
+        else:
+            while self._queued or any(child.in_flight for child in self._children):
+                drained = asyncio.get_running_loop().create_future()
+                self._drained.append(drained)
+                await drained
+        await self._stop_children(graceful=not cancel)
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.wait(self._background)
+        self._started, self._spawn_error, self._loop = None, None, None
+        self._pickler.close()
+        self._phase = _Phase.IDLE
+        logger.debug("aioprocess: shut down (cancel=%s)", cancel)
+
+    async def _stop_children(self, *, graceful: bool) -> None:
+        children = list(self._children)
+        for child in children:
+            if graceful:
+                child.end_input()
+            else:
+                child.kill("the executor shut down")
+        await asyncio.gather(*(child.wait_closed(_STOP_TIMEOUT_S) for child in children))
+        self._children.clear()
+
+    def worker_pids(self) -> list[int]:
+        return [child.pid for child in self._children if child.alive]
+
+    def __repr__(self) -> str:
+        return (f"<AioProcessExecutor {self._phase.value} processes={self.processes} "
+                f"childconcurrency={self.childconcurrency} pids={self.worker_pids()}>")
+
+    # -- running a call ------------------------------------------------------------------------
+
+    async def run(self, call: PreparedCall) -> Any:
+        if self._phase is _Phase.CLOSING:
+            raise RuntimeError(
+                f"state {call.state_name!r}: executor 'aioprocess' is shutting down"
+            )
+        job = Job(next(self._ids), call, await self._pickler.dumps_call(call))
+        if self._phase is not _Phase.RUNNING or self._loop is not asyncio.get_running_loop():
+            await self._start_here(call)
+        while True:
+            child = await self._acquire(call, fresh=job.reruns == 0)
+            future = job.future = asyncio.get_running_loop().create_future()
+            job.child = child
+            child.in_flight[job.tid] = job
+            child.send(frame(RUN, job.tid, job.payload))
+            call.started()
+            try:
+                kind, body = await future
+            except asyncio.CancelledError:
+                self._abandon(job)
+                raise
+            if kind == DONE:
+                return await self._pickler.loads_outcome(body)
+            if kind == CANCELLED:  # the coroutine raised CancelledError itself
+                raise asyncio.CancelledError()
+
+    async def _start_here(self, call: PreparedCall) -> None:
+        if self._loop is not None and self._loop is not asyncio.get_running_loop():
+            raise RuntimeError(
+                f"state {call.state_name!r}: this aioprocess executor runs on another event loop; "
+                "shut it down there first, or give each loop its own executor"
+            )
+        await self.start()
+
+    async def _acquire(self, call: PreparedCall, *, fresh: bool) -> ChildHandle:
+        """The least loaded child with a free slot, waiting in line for one."""
+        if not self._waiters and (child := self._pick(call, fresh=fresh)) is not None:
+            return child
+        self._queued += 1
+        try:
+            return await self._wait_in_line(call)
+        finally:
+            self._queued -= 1
+            self._check_drained()
+
+    async def _wait_in_line(self, call: PreparedCall) -> ChildHandle:
+        loop = asyncio.get_running_loop()
+        at_head = False
+        while True:
+            waiter = loop.create_future()
+            if at_head:  # woken but beaten to the slot: keep our place at the head of the line
+                self._waiters.appendleft(waiter)
+            else:
+                self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                self._wake()  # pass on a wake-up we may have taken
+                raise
+            at_head = True
+            if (child := self._pick(call, fresh=False)) is not None:
+                return child
+
+    def _usable(self) -> list[ChildHandle]:
+        return [child for child in self._children if child.alive and child.killed_for is None]
+
+    def _pick(self, call: PreparedCall, *, fresh: bool) -> ChildHandle | None:
+        """A child with a free slot, or None (then more children are on their way)."""
+        usable = self._usable()
+        if not usable and not self._spawning:
+            error = self._spawn_error
+            if self._phase is not _Phase.RUNNING:
+                raise RuntimeError(f"state {call.state_name!r}: executor 'aioprocess' is "
+                                   "shutting down and has no child left")
+            if error is not None and not fresh:  # a new call tries again; waiters give up
+                raise WorkerCrashedError(
+                    f"state {call.state_name!r}: executor 'aioprocess' cannot start a child: "
+                    f"{error}", state_name=call.state_name,
+                ) from error
+        best: ChildHandle | None = None
+        for child in usable:
+            load = len(child.in_flight)
+            if load < self.childconcurrency and (best is None or load < len(best.in_flight)):
+                best = child
+        if best is None:
+            self._top_up()
+        return best
+
+    def _wake(self) -> None:
+        """Wake as many waiters, from the head of the line, as there are free slots."""
+        usable = self._usable()
+        free = sum(max(0, self.childconcurrency - len(child.in_flight)) for child in usable)
+        if not usable and not self._spawning:
+            free = len(self._waiters)  # nothing will free up: let them all see why
+        while free > 0 and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self._drained and not self._queued and not any(c.in_flight for c in self._children):
+            for drained in self._drained:
+                if not drained.done():
+                    drained.set_result(None)
+            self._drained.clear()
+
+    def _abandon(self, job: Job) -> None:
+        """The caller was cancelled: cancel the coroutine in its child, kill the child later."""
+        job.abandoned = True
+        child = job.child
+        if child is None or not child.alive or self._phase is _Phase.CLOSING:
+            return
+        child.send(frame(CANCEL, job.tid))
+        job.killer = asyncio.get_running_loop().call_later(
+            self.cancel_grace, self._kill_for, child, job
+        )
+
+    def _kill_for(self, child: ChildHandle, job: Job) -> None:
+        if job.child is not child or not child.alive:
+            return
+        others = [j.call.state_name for j in child.in_flight.values() if j is not job]
+        logger.warning(
+            "aioprocess: state %r did not stop %.2f s after its cancellation; killing its child "
+            "pid %d (states sent to another child: %s)",
+            job.call.state_name, self.cancel_grace, child.pid, others or "none",
+        )
+        child.kill(f"to stop state {job.call.state_name!r}, cancelled")
+
+    def _drop(self, job: Job) -> None:
+        job.abandoned = True
+        if job.killer is not None:
+            job.killer.cancel()
+        if job.future is not None and not job.future.done():
+            job.future.cancel()
+
+    # -- what the children say ---------------------------------------------------------------
+
+    def _on_frame(self, child: ChildHandle, kind: int, tid: int, body: bytes) -> None:
+        job = child.in_flight.pop(tid, None)
+        if job is None:
+            return
+        job.child = None
+        if job.killer is not None:
+            job.killer.cancel()
+        if not job.abandoned and job.future is not None and not job.future.done():
+            job.future.set_result((kind, body))
+        self._wake()
+
+    def _on_lost(self, child: ChildHandle, code: int | None) -> None:
+        if child in self._children:
+            self._children.remove(child)
+        jobs = list(child.in_flight.values())
+        child.in_flight.clear()
+        names = [job.call.state_name for job in jobs if not job.abandoned]
+        if child.killed_for is None:
+            logger.warning("aioprocess: child pid %d %s holding states %s",
+                           child.pid, describe_exit(code), names or "none")
+        for job in jobs:
+            job.child = None
+            if job.killer is not None:
+                job.killer.cancel()
+            if job.abandoned or job.future is None or job.future.done():
+                continue
+            if child.killed_for is not None and self._phase is not _Phase.CLOSING \
+                    and job.reruns < MAX_RERUNS:
+                job.reruns += 1
+                job.future.set_result((_RERUN, b""))
+            else:
+                job.future.set_exception(self._crash_error(job, child, code, names))
+        if self._phase is _Phase.RUNNING:
+            self._top_up()
+        self._wake()
+
+    @staticmethod
+    def _crash_error(job: Job, child: ChildHandle, code: int | None,
+                     names: list[str]) -> WorkerCrashedError:
+        name = job.call.state_name
+        message = (f"state {name!r} ({job.call.func_name}) failed: its aioprocess child "
+                   f"(pid {child.pid}) {describe_exit(code)}")
+        if child.killed_for is not None:
+            message += f" (killed {child.killed_for})"
+        others = [other for other in names if other != name]
+        if others:
+            message += (f"; it also ran {', '.join(map(repr, others))}, which failed with it: "
+                        "any of them may have caused it")
+        return WorkerCrashedError(message, state_name=name, exitcode=code)
+
+    # -- children ------------------------------------------------------------------------------
+
+    def _top_up(self) -> None:
+        """Start children in the background until there are ``processes`` of them."""
+        if self._phase is not _Phase.RUNNING:
+            return
+        for _ in range(self.processes - len(self._children) - self._spawning):
+            task = asyncio.get_running_loop().create_task(self._respawn())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _respawn(self) -> None:
+        try:
+            await self._spawn()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.error("aioprocess: cannot start a child: %s", exc)
+            self._spawn_error = exc
+        self._wake()
+
+    async def _spawn(self) -> None:
+        self._spawning += 1
+        try:
+            child = await ChildHandle.spawn(next(self._index), timeout=self.start_timeout,
+                                            **self._child_options)
+        finally:
+            self._spawning -= 1
+        self._spawn_error = None
+        if self._phase is _Phase.CLOSING:
+            child.kill("the executor shut down")
+        self._children.append(child)
+        child.serve(self._on_frame, self._on_lost)
