@@ -25,8 +25,15 @@ class StateStatus(enum.Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
+    # set below: plain attributes, so the hot path never hashes an enum member
+    index: int
+    terminal: bool
+
 
 TERMINAL = frozenset({StateStatus.SUCCEEDED, StateStatus.FAILED, StateStatus.CANCELLED})
+for _index, _status in enumerate(StateStatus):
+    _status.index = _index
+    _status.terminal = _status in TERMINAL
 _QUEUED, _CANCELLED = StateStatus.QUEUED, StateStatus.CANCELLED
 
 
@@ -77,7 +84,7 @@ class StateHandle:
     # -- the Future-like surface ---------------------------------------------------------
 
     def done(self) -> bool:
-        return self.status in TERMINAL
+        return self.status.terminal
 
     def cancelled(self) -> bool:
         return self.status is _CANCELLED
@@ -107,7 +114,7 @@ class StateHandle:
         its worker is terminated. Running thread state: marked ``CANCELLED`` at once and its result
         discarded, but the thread itself runs on (a thread cannot be killed).
         """
-        if self.status in TERMINAL:
+        if self.status.terminal:
             return False
         task = self._task
         self._finish(_CANCELLED)
@@ -138,16 +145,17 @@ class StateHandle:
 
     def _set_status(self, status: StateStatus) -> None:
         counts = self._manager._counts
-        counts[self.status] -= 1
-        counts[status] += 1
-        old, self.status = self.status, status
+        old = self.status
+        counts[old.index] -= 1
+        counts[status.index] += 1
+        self.status = status
         if old is _QUEUED:
             self._manager._queued_left()
 
     def _finish(self, status: StateStatus, result: Any = None,
                 exc: BaseException | None = None) -> bool:
         """End the handle once: the first terminal status wins; later calls change nothing."""
-        if self.status in TERMINAL:
+        if self.status.terminal:
             return False
         timer = self._timer
         if timer is not None:

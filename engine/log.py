@@ -6,6 +6,7 @@ measurable when DEBUG is off.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -18,8 +19,9 @@ logger = logging.getLogger("engine")
 _DEBUG = logging.DEBUG
 
 
-def log_enter(handle: StateHandle, executor: str, now: float) -> None:
+def log_enter(handle: StateHandle, executor: str, loop: asyncio.AbstractEventLoop) -> None:
     if logger.isEnabledFor(_DEBUG):
+        now = loop.time()
         state = handle.state
         logger.debug(
             "enter %r (%s) on %s at loop time %.6f, attempt %d, queued %.6f s",
@@ -28,8 +30,9 @@ def log_enter(handle: StateHandle, executor: str, now: float) -> None:
         )
 
 
-def log_exit(handle: StateHandle, executor: str, now: float) -> None:
+def log_exit(handle: StateHandle, executor: str, loop: asyncio.AbstractEventLoop) -> None:
     if logger.isEnabledFor(_DEBUG):
+        now = loop.time()
         started = handle.started_at if handle.started_at is not None else now
         logger.debug(
             "exit %r (%s) on %s at loop time %.6f: %s, ran %.6f s, attempts %d",

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from executors import registry
 from executors.base import Executor
+from executors.inline import InlineExecutor
 from executors.thread import ThreadExecutor
 
 from .errors import ManagerStoppedError, StateTimeoutError
@@ -57,11 +58,12 @@ class StateManager:
                                 f"got {ex!r}")
             self._executors[name] = ex
         self._configured = list(self._executors.values())
+        self._adopted: set[Executor] = set()  # instances given to single states
         self.max_queue = max_queue
         self.shutdown_grace = float(shutdown_grace)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: deque[StateHandle] = deque()
-        self._counts: dict[StateStatus, int] = dict.fromkeys(StateStatus, 0)
+        self._counts: list[int] = [0] * len(StateStatus)  # by StateStatus.index
         self._by_executor: Counter[str] = Counter()
         self._running: set[StateHandle] = set()
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -128,7 +130,8 @@ class StateManager:
             self._check_state(state)
         loop = self._bind_loop()
         if not self.max_queue:
-            return [self._enqueue(state, loop) for state in states]
+            now = loop.time()
+            return [self._enqueue(state, loop, now) for state in states]
         handles = []
         for state in states:
             await self._wait_for_room(state, loop)
@@ -136,7 +139,7 @@ class StateManager:
         return handles
 
     async def _wait_for_room(self, state: State, loop: asyncio.AbstractEventLoop) -> None:
-        while self._counts[_QUEUED] >= self.max_queue:
+        while self._counts[_QUEUED.index] >= self.max_queue:
             fut: asyncio.Future[None] = loop.create_future()
             self._put_waiters.append(fut)
             try:
@@ -147,9 +150,11 @@ class StateManager:
             if self._stop_requested:
                 raise ManagerStoppedError(f"cannot put {state.name!r}: the manager is stopping")
 
-    def _enqueue(self, state: State, loop: asyncio.AbstractEventLoop) -> StateHandle:
-        handle = StateHandle(state, self, loop.time(), contextvars.copy_context())
-        self._counts[_QUEUED] += 1
+    def _enqueue(self, state: State, loop: asyncio.AbstractEventLoop,
+                 now: float | None = None) -> StateHandle:
+        handle = StateHandle(state, self, loop.time() if now is None else now,
+                             contextvars.copy_context())
+        self._counts[_QUEUED.index] += 1
         self._unfinished += 1
         self._queue.append(handle)
         wakeup = self._wakeup
@@ -226,7 +231,7 @@ class StateManager:
             await self._await_own(gate, handle)
             if handle.status is not _WAITING:
                 return
-        task = self._spawn(self._run(handle), handle)
+        task = self._spawn(self._run(handle), handle, untrack_when_done=False)
         if not handle.state.is_blocking:
             await self._await_own(task, handle)
 
@@ -241,8 +246,9 @@ class StateManager:
         finally:
             self._current = None
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any], handle: StateHandle | None) \
-            -> asyncio.Task[Any]:
+    def _spawn(self, coro: Coroutine[Any, Any, Any], handle: StateHandle | None,
+               untrack_when_done: bool = True) -> asyncio.Task[Any]:
+        """A task in ``handle``'s context, tracked until done (``_run`` untracks itself)."""
         loop = self._loop
         assert loop is not None
         if handle is None:
@@ -254,14 +260,16 @@ class StateManager:
         if handle is not None:
             handle._task = task
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if untrack_when_done:
+            task.add_done_callback(self._tasks.discard)
         return task
 
     def _executor_for(self, state: State) -> Executor:
-        ex = state.executor
-        if isinstance(ex, Executor):
-            self._executors.setdefault(f"{ex.name}@{id(ex):x}", ex)
-            return ex
+        """The executor a state runs on; built on first use and shut down with the manager."""
+        given = state.executor
+        if isinstance(given, Executor):
+            self._adopted.add(given)
+            return given
         name = state.executor_name
         ex = self._executors.get(name)
         if ex is None:
@@ -279,51 +287,64 @@ class StateManager:
             handle._set_status(_RUNNING)
         self._running.add(handle)
         try:
-            executor = self._executor_for(state)
-        except Exception as exc:  # a backend that cannot be built fails its state
-            handle._finish(_FAILED, exc=exc)
-            log_failure(handle, state.executor_name, exc)
-            return
-        ex_name = handle._executor_name = executor.name
-        self._by_executor[ex_name] += 1
-        while True:
-            handle.attempts += 1
-            attempt = handle.attempts
-            handle._timed_out = False
             try:
-                args, kwargs = await state._resolve_lazy()
-                call = state._make_function(
-                    args, kwargs, on_start=functools.partial(self._on_start, handle, attempt))
-                log_enter(handle, ex_name, loop.time())
-                result = await executor.run(call)
-            except asyncio.CancelledError:
-                if not handle._timed_out or handle.done():
-                    if handle._finish(_CANCELLED):
-                        log_exit(handle, ex_name, loop.time())
-                        raise  # stopped from outside: let the cancellation through
-                    return  # handle.cancel(): the handle already says CANCELLED
-                _uncancel(handle._task)
-                failure: BaseException = StateTimeoutError(
-                    f"state {state.name!r} ({state.func_name}) ran past its timeout of "
-                    f"{state.timeout} s on {ex_name}")
-            except Exception as error:
-                failure = error
-            else:
-                if handle._finish(_SUCCEEDED, result):
-                    log_exit(handle, ex_name, loop.time())
+                executor = self._executor_for(state)
+            except Exception as exc:  # a backend that cannot be built fails its state
+                handle._finish(_FAILED, exc=exc)
+                log_failure(handle, state.executor_name, exc)
                 return
-            if handle.done():
+            ex_name = handle._executor_name = executor.name
+            self._by_executor[ex_name] += 1
+            inline = type(executor) is InlineExecutor  # the fast path: no PreparedCall
+            while True:
+                handle.attempts += 1
+                attempt = handle.attempts
+                handle._timed_out = False
+                try:
+                    if state._has_lazy:
+                        args, kwargs = await state._resolve_lazy()
+                    else:
+                        args, kwargs = state.args, state.kwargs
+                    log_enter(handle, ex_name, loop)
+                    if inline:
+                        self._on_start(handle, attempt)
+                        result = state.func(*args, **kwargs)
+                        if state.is_coro:
+                            result = await result
+                    else:
+                        on_start = functools.partial(self._on_start, handle, attempt)
+                        call = state._make_function(args, kwargs, on_start=on_start)
+                        result = await executor.run(call)
+                except asyncio.CancelledError:
+                    if not handle._timed_out or handle.done():
+                        if handle._finish(_CANCELLED):
+                            log_exit(handle, ex_name, loop)
+                            raise  # stopped from outside: let the cancellation through
+                        return  # handle.cancel(): the handle already says CANCELLED
+                    _uncancel(handle._task)
+                    failure: BaseException = StateTimeoutError(
+                        f"state {state.name!r} ({state.func_name}) ran past its timeout of "
+                        f"{state.timeout} s on {ex_name}")
+                except Exception as error:
+                    failure = error
+                else:
+                    if handle._finish(_SUCCEEDED, result):
+                        log_exit(handle, ex_name, loop)
+                    return
+                if handle.done():
+                    return
+                timer = handle._timer
+                if timer is not None:
+                    timer.cancel()
+                    handle._timer = None
+                if attempt <= state.retries:
+                    log_retry(handle, ex_name, failure)
+                    continue
+                handle._finish(_FAILED, exc=failure)
+                log_failure(handle, ex_name, failure)
                 return
-            timer = handle._timer
-            if timer is not None:
-                timer.cancel()
-                handle._timer = None
-            if attempt <= state.retries:
-                log_retry(handle, ex_name, failure)
-                continue
-            handle._finish(_FAILED, exc=failure)
-            log_failure(handle, ex_name, failure)
-            return
+        finally:
+            self._tasks.discard(handle._task)  # type: ignore[arg-type]
 
     def _on_start(self, handle: StateHandle, attempt: int) -> None:
         loop = self._loop
@@ -348,7 +369,7 @@ class StateManager:
         self._check_state(state)
         loop = self._bind_loop()
         handle = StateHandle(state, self, loop.time(), contextvars.copy_context())
-        self._counts[_QUEUED] += 1
+        self._counts[_QUEUED.index] += 1
         self._unfinished += 1
         self._spawn(self._detached(handle), None)
         return handle
@@ -360,7 +381,7 @@ class StateManager:
             await self._await_own(self._spawn(event.wait(), handle), handle)
             if handle.done():
                 return
-        task = self._spawn(self._run(handle), handle)
+        task = self._spawn(self._run(handle), handle, untrack_when_done=False)
         await asyncio.wait([task])
 
     # -- stopping ----------------------------------------------------------------------------
@@ -415,13 +436,13 @@ class StateManager:
             await asyncio.wait(tasks, timeout=self.shutdown_grace + 1.0)
         for handle in list(self._running):
             handle.cancel()
-        for name, ex in list(self._executors.items()):
+        for ex in {*self._executors.values(), *self._adopted}:
             try:
                 await ex.shutdown(cancel=True)
             except Exception:
-                logger.exception("executor %r failed to shut down", name)
+                logger.exception("executor %r failed to shut down", ex.name)
         self._stopped = True
-        logger.debug("manager stopped: %s", dict(self._counts))
+        logger.debug("manager stopped: %s", self.stats().by_status)
 
     # -- async with ------------------------------------------------------------------------
 
@@ -458,7 +479,7 @@ class StateManager:
 
     def __repr__(self) -> str:
         phase = "stopped" if self._stopped else "stopping" if self._stop_requested else "open"
-        return (f"<StateManager {phase} queued={self._counts[_QUEUED]} "
+        return (f"<StateManager {phase} queued={self._counts[_QUEUED.index]} "
                 f"running={len(self._running)} unfinished={self._unfinished}>")
 
 

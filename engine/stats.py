@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .handle import StateHandle, StateStatus
+    from .handle import StateHandle
 
 __all__ = ["ManagerStats", "snapshot"]
 
@@ -40,10 +40,12 @@ class ManagerStats(Mapping[str, Any]):
         return tuple(f.name for f in fields(cls))
 
 
-def snapshot(counts: Mapping[StateStatus, int], by_executor: Mapping[str, int],
+def snapshot(counts: Sequence[int], by_executor: Mapping[str, int],
              running: Iterable[StateHandle], now: float) -> ManagerStats:
+    from .handle import StateStatus
+
     return ManagerStats(
-        by_status={status.name: n for status, n in counts.items()},
+        by_status={status.name: counts[status.index] for status in StateStatus},
         by_executor=dict(by_executor),
         running=[
             {"name": h.state.name, "executor": h._executor_name or h.state.executor_name,
