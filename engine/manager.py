@@ -344,7 +344,7 @@ class StateManager:
                 log_failure(handle, ex_name, failure)
                 return
         finally:
-            self._tasks.discard(handle._task)  # type: ignore[arg-type]
+            self._tasks.discard(handle._task)
 
     def _on_start(self, handle: StateHandle, attempt: int) -> None:
         loop = self._loop
