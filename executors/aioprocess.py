@@ -97,6 +97,7 @@ class AioProcessExecutor(Executor):
         self._index = itertools.count()
         self._started: asyncio.Future[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._closed: asyncio.Future[None] | None = None  # set while a shutdown runs
         self._queued = 0  # run() calls waiting in line for a slot
         self._drained: list[asyncio.Future[None]] = []  # shutdown(cancel=False) waits on these
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -135,33 +136,52 @@ class AioProcessExecutor(Executor):
             await asyncio.shield(self._started)
 
     async def shutdown(self, *, cancel: bool) -> None:
-        """Stop every child; ``cancel=True`` kills them now, else running calls finish first."""
+        """Stop every child; ``cancel=True`` kills them now, else running calls finish first.
+
+        Safe to call twice, and concurrently (a ``cancel=True`` call hurries a graceful one).
+        """
         if self._phase is _Phase.STARTING and self._started is not None:
             await asyncio.wait({self._started})
+        if self._phase is _Phase.CLOSING and self._closed is not None:
+            if cancel:
+                self._cancel_everything()
+            await asyncio.shield(self._closed)
+            return
         if self._phase is not _Phase.RUNNING:
             self._pickler.close()
             return
         self._phase = _Phase.CLOSING
-        if cancel:
-            for waiter in self._waiters:
-                waiter.cancel()
-            for child in self._children:
-                for job in child.in_flight.values():
-                    self._drop(job)
-        else:
+        self._closed = asyncio.get_running_loop().create_future()
+        try:
+            if cancel:
+                self._cancel_everything()
             while self._queued or any(child.in_flight for child in self._children):
                 drained = asyncio.get_running_loop().create_future()
                 self._drained.append(drained)
                 await drained
-        await self._stop_children(graceful=not cancel)
-        for task in list(self._background):
-            task.cancel()
-        if self._background:
-            await asyncio.wait(self._background)
-        self._started, self._spawn_error, self._loop = None, None, None
-        self._pickler.close()
-        self._phase = _Phase.IDLE
+            for task in list(self._background):
+                task.cancel()
+            if self._background:
+                await asyncio.wait(self._background)
+            await self._stop_children(graceful=not cancel)
+        finally:
+            self._started, self._spawn_error, self._loop = None, None, None
+            self._pickler.close()
+            self._phase = _Phase.IDLE
+            self._closed.set_result(None)
+            self._closed = None
         logger.debug("aioprocess: shut down (cancel=%s)", cancel)
+
+    def _cancel_everything(self) -> None:
+        """Cancel the calls waiting in line and those in the children (which are killed)."""
+        for waiter in self._waiters:
+            waiter.cancel()
+        for child in self._children:
+            for job in list(child.in_flight.values()):
+                self._drop(job)
+            child.in_flight.clear()
+            child.kill("the executor shut down")
+        self._wake()
 
     async def _stop_children(self, *, graceful: bool) -> None:
         children = list(self._children)

@@ -544,6 +544,25 @@ async def test_shutdown_without_cancel_lets_running_calls_finish(files: Any) -> 
     assert ex.worker_pids() == []
 
 
+async def test_shutdown_cancel_hurries_a_graceful_shutdown(files: Any) -> None:
+    ex = AioProcessExecutor(processes=1)
+    await ex.start()
+    pids = ex.worker_pids()
+    started = asyncio.Event()
+    task = asyncio.create_task(ex.run(prepared(
+        "stuck", held_until, files("never"), None, on_start=started.set)))
+    await started.wait()
+    graceful = asyncio.create_task(ex.shutdown(cancel=False))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not graceful.done()
+    await asyncio.wait_for(ex.shutdown(cancel=True), DEADLINE_S)
+    assert graceful.done()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await gone(pids)
+
+
 async def test_shutdown_twice_then_run_again() -> None:
     ex = AioProcessExecutor(processes=1)
     first = await ex.run(prepared("a", getpid))
