@@ -57,6 +57,7 @@ class StateManager:
                 raise TypeError(f"StateManager: executors[{name!r}] must be an Executor, "
                                 f"got {ex!r}")
             self._executors[name] = ex
+            self._adopt_grace(ex, shutdown_grace)
         self._configured = list(self._executors.values())
         self._adopted: set[Executor] = set()  # instances given to single states
         self.max_queue = max_queue
@@ -274,9 +275,14 @@ class StateManager:
         ex = self._executors.get(name)
         if ex is None:
             ex = self._executors[name] = registry.create(name)
-            if isinstance(ex, ThreadExecutor) and ex.shutdown_grace is None:
-                ex.shutdown_grace = self.shutdown_grace
+            self._adopt_grace(ex, self.shutdown_grace)
         return ex
+
+    @staticmethod
+    def _adopt_grace(ex: Executor, grace: float) -> None:
+        """Thread pools with no grace of their own get the manager's ``shutdown_grace``."""
+        if isinstance(ex, ThreadExecutor) and ex.shutdown_grace is None:
+            ex.shutdown_grace = float(grace)
 
     async def _run(self, handle: StateHandle) -> None:
         """Every attempt of one state, ending its handle exactly once."""
