@@ -67,6 +67,7 @@ class ChildHandle:
         self.pid: int = proc.pid or 0
         self.reader, self.writer = reader, writer
         self.in_flight: dict[int, Job] = {}
+        self.reserved = 0  # slots handed to callers that have not sent their job yet
         self.killed_for: str | None = None  # why we killed it on purpose, if we did
         self.exitcode: int | None = None
         self.alive = True

@@ -92,12 +92,13 @@ class AioProcessExecutor(Executor):
         self._children: list[ChildHandle] = []
         self._spawning = 0
         self._spawn_error: BaseException | None = None
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[asyncio.Future[ChildHandle | None]] = deque()
         self._ids = itertools.count(1)
         self._index = itertools.count()
         self._started: asyncio.Future[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._closed: asyncio.Future[None] | None = None  # set while a shutdown runs
+        self._cancelling = False  # shutdown(cancel=True) runs: waiters must not dispatch
         self._queued = 0  # run() calls waiting in line for a slot
         self._drained: list[asyncio.Future[None]] = []  # shutdown(cancel=False) waits on these
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -166,6 +167,7 @@ class AioProcessExecutor(Executor):
             await self._stop_children(graceful=not cancel)
         finally:
             self._started, self._spawn_error, self._loop = None, None, None
+            self._cancelling = False
             self._pickler.close()
             self._phase = _Phase.IDLE
             self._closed.set_result(None)
@@ -174,6 +176,7 @@ class AioProcessExecutor(Executor):
 
     def _cancel_everything(self) -> None:
         """Cancel the calls waiting in line and those in the children (which are killed)."""
+        self._cancelling = True
         for waiter in self._waiters:
             waiter.cancel()
         for child in self._children:
@@ -236,9 +239,16 @@ class AioProcessExecutor(Executor):
         await self.start()
 
     async def _acquire(self, call: PreparedCall, *, fresh: bool) -> ChildHandle:
-        """The least loaded child with a free slot, waiting in line for one."""
-        if not self._waiters and (child := self._pick(call, fresh=fresh)) is not None:
-            return child
+        """The least loaded child with a free slot, waiting in line for one.
+
+        A freed slot is handed to the head of the line directly (``reserved`` counts it), so
+        that a wake-up is never lost nor wasted on a caller that finds the slot taken.
+        """
+        if not self._waiters:
+            self._check_usable(call, fresh=fresh)
+            if (child := self._pick()) is not None:
+                return child
+            self._top_up()
         self._queued += 1
         try:
             return await self._wait_in_line(call)
@@ -248,60 +258,76 @@ class AioProcessExecutor(Executor):
 
     async def _wait_in_line(self, call: PreparedCall) -> ChildHandle:
         loop = asyncio.get_running_loop()
-        at_head = False
+        waiter: asyncio.Future[ChildHandle | None] = loop.create_future()
+        self._waiters.append(waiter)
         while True:
-            waiter = loop.create_future()
-            if at_head:  # woken but beaten to the slot: keep our place at the head of the line
-                self._waiters.appendleft(waiter)
-            else:
-                self._waiters.append(waiter)
             try:
-                await waiter
+                child = await waiter
             except asyncio.CancelledError:
-                if waiter in self._waiters:
+                if waiter.done() and not waiter.cancelled():  # handed a slot: pass it on
+                    handed = waiter.result()
+                    if handed is not None:
+                        handed.reserved -= 1
+                elif waiter in self._waiters:
                     self._waiters.remove(waiter)
-                self._wake()  # pass on a wake-up we may have taken
+                self._wake()
                 raise
-            at_head = True
-            if (child := self._pick(call, fresh=False)) is not None:
+            if child is not None:
+                child.reserved -= 1
+                if self._cancelling:
+                    raise asyncio.CancelledError()
+                if child.alive and child.killed_for is None:
+                    return child
+            self._check_usable(call, fresh=False)  # woken without a slot: is there hope?
+            if (child := self._pick()) is not None:
                 return child
+            waiter = loop.create_future()
+            self._waiters.appendleft(waiter)  # keep our place at the head of the line
 
     def _usable(self) -> list[ChildHandle]:
         return [child for child in self._children if child.alive and child.killed_for is None]
 
-    def _pick(self, call: PreparedCall, *, fresh: bool) -> ChildHandle | None:
-        """A child with a free slot, or None (then more children are on their way)."""
-        usable = self._usable()
-        if not usable and not self._spawning:
-            error = self._spawn_error
-            if self._phase is not _Phase.RUNNING:
-                raise RuntimeError(f"state {call.state_name!r}: executor 'aioprocess' is "
-                                   "shutting down and has no child left")
-            if error is not None and not fresh:  # a new call tries again; waiters give up
-                raise WorkerCrashedError(
-                    f"state {call.state_name!r}: executor 'aioprocess' cannot start a child: "
-                    f"{error}", state_name=call.state_name,
-                ) from error
+    def _check_usable(self, call: PreparedCall, *, fresh: bool) -> None:
+        """Raise if no child is left and none will come; a ``fresh`` call tries to start one."""
+        if self._spawning or self._usable():
+            return
+        if self._phase is not _Phase.RUNNING:
+            raise RuntimeError(f"state {call.state_name!r}: executor 'aioprocess' is "
+                               "shutting down and has no child left")
+        error = self._spawn_error
+        if error is not None and not fresh:
+            raise WorkerCrashedError(
+                f"state {call.state_name!r}: executor 'aioprocess' cannot start a child: "
+                f"{error}", state_name=call.state_name,
+            ) from error
+
+    def _pick(self) -> ChildHandle | None:
+        """The least loaded usable child with a free slot, or None."""
         best: ChildHandle | None = None
-        for child in usable:
-            load = len(child.in_flight)
-            if load < self.childconcurrency and (best is None or load < len(best.in_flight)):
-                best = child
-        if best is None:
-            self._top_up()
+        best_load = self.childconcurrency
+        for child in self._children:
+            load = len(child.in_flight) + child.reserved
+            if load < best_load and child.alive and child.killed_for is None:
+                best, best_load = child, load
         return best
 
     def _wake(self) -> None:
-        """Wake as many waiters, from the head of the line, as there are free slots."""
-        usable = self._usable()
-        free = sum(max(0, self.childconcurrency - len(child.in_flight)) for child in usable)
-        if not usable and not self._spawning:
-            free = len(self._waiters)  # nothing will free up: let them all see why
-        while free > 0 and self._waiters:
+        """Hand free slots to the head of the line; if no child will come, wake everyone."""
+        while self._waiters:
+            child = self._pick()
+            if child is None:
+                break
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
-                free -= 1
+                child.reserved += 1
+                waiter.set_result(child)
+        if self._waiters and not self._spawning and not self._usable():
+            while self._waiters:  # let them see why (or start a child)
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+        elif self._waiters:
+            self._top_up()
         self._check_drained()
 
     def _check_drained(self) -> None:

@@ -290,6 +290,27 @@ async def test_calls_spread_over_the_least_loaded_children(files: Any) -> None:
         await ex.shutdown(cancel=True)
 
 
+async def test_many_calls_with_cancellations_in_line_all_answer() -> None:
+    ex = AioProcessExecutor(processes=2, childconcurrency=3)
+    try:
+        tasks = [asyncio.create_task(ex.run(prepared(f"c{i}", add, i, 1))) for i in range(300)]
+        await asyncio.sleep(0)
+        for task in tasks[5::7]:
+            task.cancel()
+        results = await asyncio.wait_for(
+            asyncio.gather(*tasks, return_exceptions=True), DEADLINE_S)
+        for i, (task, result) in enumerate(zip(tasks, results, strict=True)):
+            if isinstance(result, asyncio.CancelledError):
+                assert task in tasks[5::7]
+            else:
+                assert result == i + 1
+        assert ex._queued == 0 and not ex._waiters
+        assert await wait_for(lambda: all(  # a call cancelled in its child answers soon after
+            not child.in_flight and not child.reserved for child in ex._children))
+    finally:
+        await ex.shutdown(cancel=True)
+
+
 async def test_round_trip_beats_aiomultiprocess_polling() -> None:
     ex = AioProcessExecutor(processes=1)
     await ex.start()
