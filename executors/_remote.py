@@ -35,10 +35,12 @@ from engine.errors import SerializationError, WorkerCrashedError
 from .base import PreparedCall
 
 __all__ = [
+    "INLINE_DUMPS_LIMIT",
     "INLINE_LOADS_LIMIT",
     "OffLoop",
     "RemoteTraceback",
     "dumps_call",
+    "dumps_call_small",
     "loads_outcome",
     "run_pickled",
     "run_pickled_async",
@@ -48,6 +50,8 @@ _T = TypeVar("_T")
 
 #: An outcome up to this many bytes is unpickled on the calling (loop) thread by ``OffLoop``.
 INLINE_LOADS_LIMIT = 64 * 1024
+#: ``dumps_call_small`` gives up on a call past this many bytes.
+INLINE_DUMPS_LIMIT = 64 * 1024
 
 _OK = "ok"
 _ERR = "err"
@@ -90,6 +94,44 @@ def dumps_call(call: PreparedCall) -> bytes:
             f"cannot send state {call.state_name!r} to a worker process: its {what} of type "
             f"{type_name(obj)} cannot be pickled ({type(exc).__name__}: {exc})"
         ) from exc
+
+
+class _TooBig(Exception):
+    pass
+
+
+class _CappedBuffer:
+    """A write-only file that raises ``_TooBig`` once more than ``limit`` bytes reach it."""
+
+    def __init__(self, limit: int) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.limit = limit
+
+    def write(self, data: bytes | pickle.PickleBuffer) -> int:
+        view = memoryview(data)  # a large payload may come as a PickleBuffer, without len()
+        self.size += view.nbytes
+        if self.size > self.limit:
+            raise _TooBig
+        self.parts.append(view.tobytes())
+        return view.nbytes
+
+
+def dumps_call_small(call: PreparedCall, limit: int = INLINE_DUMPS_LIMIT) -> bytes | None:
+    """:func:`dumps_call` for a call that pickles to at most ``limit`` bytes, else ``None``.
+
+    Pickling stops as soon as the output passes ``limit``, so this is cheap enough for the event
+    loop thread: a caller pickles small calls inline and hands ``None`` ones to a thread.
+    """
+    buffer = _CappedBuffer(limit)
+    try:
+        pickler = cloudpickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+        pickler.dump((call.state_name, call.fn, call.args, call.kwargs))
+    except _TooBig:
+        return None
+    except Exception:
+        return dumps_call(call)  # raises the SerializationError that names the part
+    return b"".join(buffer.parts)
 
 
 def _find_unpicklable(call: PreparedCall) -> tuple[str, object]:
