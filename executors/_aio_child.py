@@ -81,6 +81,7 @@ async def child_main(sock: socket.socket) -> None:
     """Run every ``RUN`` frame as a task of this loop until the parent closes the socket."""
     reader, writer = await asyncio.open_connection(sock=sock)
     writer.write(frame(READY, os.getpid()))
+    outbox = _Outbox(writer)
     tasks: dict[int, asyncio.Task[bytes]] = {}
     try:
         while True:
@@ -92,7 +93,7 @@ async def child_main(sock: socket.socket) -> None:
             if kind == RUN:
                 task = asyncio.create_task(run_pickled_async(body))
                 tasks[tid] = task
-                task.add_done_callback(functools.partial(_report, writer, tasks, tid))
+                task.add_done_callback(functools.partial(_report, outbox, tasks, tid))
             elif kind == CANCEL and tid in tasks:
                 tasks[tid].cancel()
     finally:
@@ -100,15 +101,32 @@ async def child_main(sock: socket.socket) -> None:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks.values(), return_exceptions=True)
+        outbox.flush()
         writer.close()
 
 
-def _report(writer: asyncio.StreamWriter, tasks: dict[int, asyncio.Task[bytes]], tid: int,
+def _report(outbox: _Outbox, tasks: dict[int, asyncio.Task[bytes]], tid: int,
             task: asyncio.Task[bytes]) -> None:
     tasks.pop(tid, None)
-    if writer.is_closing():
-        return
     if task.cancelled():
-        writer.write(frame(CANCELLED, tid))
+        outbox.send(frame(CANCELLED, tid))
     else:
-        writer.write(frame(DONE, tid, task.result()))
+        outbox.send(frame(DONE, tid, task.result()))
+
+
+class _Outbox:
+    """Frames sent in one loop iteration leave in one write."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.frames: list[bytes] = []
+
+    def send(self, data: bytes) -> None:
+        if not self.frames:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.frames.append(data)
+
+    def flush(self) -> None:
+        frames, self.frames = self.frames, []
+        if frames and not self.writer.is_closing():
+            self.writer.write(frames[0] if len(frames) == 1 else b"".join(frames))

@@ -67,6 +67,7 @@ class ChildHandle:
         self.pid: int = proc.pid or 0
         self.reader, self.writer = reader, writer
         self.in_flight: dict[int, Job] = {}
+        self._outbox: list[bytes] = []
         self.reserved = 0  # slots handed to callers that have not sent their job yet
         self.killed_for: str | None = None  # why we killed it on purpose, if we did
         self.exitcode: int | None = None
@@ -140,8 +141,15 @@ class ChildHandle:
         on_lost(self, code)
 
     def send(self, data: bytes) -> None:
-        if self.alive and not self.writer.is_closing():
-            self.writer.write(data)
+        """Queue a frame; the frames queued in one loop iteration leave in one write."""
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(data)
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        if outbox and self.alive and not self.writer.is_closing():
+            self.writer.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
 
     def kill(self, reason: str) -> None:
         """SIGKILL the child (idempotent); its reader then reports it lost."""
@@ -152,6 +160,7 @@ class ChildHandle:
 
     def end_input(self) -> None:
         """Close our sending side: the child finishes what it runs, then exits."""
+        self._flush()
         if not self.writer.is_closing():
             self.writer.write_eof()
 

@@ -32,7 +32,7 @@ from engine.errors import WorkerCrashedError
 
 from ._aio_child import CANCEL, CANCELLED, DONE, RUN, frame
 from ._aio_worker import ChildHandle, Job, describe_exit
-from ._remote import OffLoop
+from ._remote import OffLoop, dumps_call_small
 from .base import Executor, PreparedCall
 
 __all__ = ["AioProcessExecutor"]
@@ -210,7 +210,10 @@ class AioProcessExecutor(Executor):
             raise RuntimeError(
                 f"state {call.state_name!r}: executor 'aioprocess' is shutting down"
             )
-        job = Job(next(self._ids), call, await self._pickler.dumps_call(call))
+        payload = dumps_call_small(call)  # a large call is pickled off the loop thread
+        if payload is None:
+            payload = await self._pickler.dumps_call(call)
+        job = Job(next(self._ids), call, payload)
         if self._phase is not _Phase.RUNNING or self._loop is not asyncio.get_running_loop():
             await self._start_here(call)
         while True:

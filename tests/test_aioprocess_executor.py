@@ -26,7 +26,12 @@ import pytest
 from engine import State, StateManager, StateStatus
 from engine.errors import SerializationError, StateTimeoutError, WorkerCrashedError
 from executors import registry
-from executors._remote import RemoteTraceback
+from executors._remote import (
+    INLINE_DUMPS_LIMIT,
+    RemoteTraceback,
+    dumps_call,
+    dumps_call_small,
+)
 from executors.aioprocess import AioProcessExecutor
 from executors.base import PreparedCall
 
@@ -227,6 +232,24 @@ async def test_plain_function_runs_in_the_child_loop() -> None:
         assert await ex.run(prepared("plain", plain_add, 2, 3, is_coro=False)) == 5
     finally:
         await ex.shutdown(cancel=True)
+
+
+async def test_large_arguments_and_results_travel() -> None:
+    blob = os.urandom(3 * 1024 * 1024)
+    ex = AioProcessExecutor(processes=1)
+    try:
+        assert await ex.run(prepared("big", echo, blob)) == blob
+    finally:
+        await ex.shutdown(cancel=True)
+
+
+def test_dumps_call_small_gives_up_early_on_large_calls() -> None:
+    small = prepared("small", add, 1, 2)
+    assert dumps_call_small(small) == dumps_call(small)
+    big = prepared("big", echo, b"x" * (INLINE_DUMPS_LIMIT + 1))
+    assert dumps_call_small(big) is None
+    with pytest.raises(SerializationError, match=r"'bad'.*_thread\.lock"):
+        dumps_call_small(prepared("bad", echo, LOCK))
 
 
 async def test_exception_keeps_its_type_and_the_child_traceback() -> None:
