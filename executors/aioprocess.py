@@ -118,7 +118,8 @@ class AioProcessExecutor(Executor):
             self._started = self._loop.create_future()
             try:
                 outcomes = await asyncio.gather(
-                    *(self._spawn() for _ in range(self.processes)), return_exceptions=True
+                    *(self._counted_spawn() for _ in range(self.processes)),
+                    return_exceptions=True,
                 )
                 for outcome in outcomes:
                     if isinstance(outcome, BaseException):
@@ -168,6 +169,7 @@ class AioProcessExecutor(Executor):
         finally:
             self._started, self._spawn_error, self._loop = None, None, None
             self._cancelling = False
+            self._spawning = 0  # respawns cancelled before they ran never counted down
             self._pickler.close()
             self._phase = _Phase.IDLE
             self._closed.set_result(None)
@@ -206,13 +208,13 @@ class AioProcessExecutor(Executor):
     # -- running a call ------------------------------------------------------------------------
 
     async def run(self, call: PreparedCall) -> Any:
+        payload = dumps_call_small(call)  # a large call is pickled off the loop thread
+        if payload is None:
+            payload = await self._pickler.dumps_call(call)
         if self._phase is _Phase.CLOSING:
             raise RuntimeError(
                 f"state {call.state_name!r}: executor 'aioprocess' is shutting down"
             )
-        payload = dumps_call_small(call)  # a large call is pickled off the loop thread
-        if payload is None:
-            payload = await self._pickler.dumps_call(call)
         job = Job(next(self._ids), call, payload)
         if self._phase is not _Phase.RUNNING or self._loop is not asyncio.get_running_loop():
             await self._start_here(call)
@@ -247,6 +249,8 @@ class AioProcessExecutor(Executor):
         A freed slot is handed to the head of the line directly (``reserved`` counts it), so
         that a wake-up is never lost nor wasted on a caller that finds the slot taken.
         """
+        if self._cancelling:
+            raise asyncio.CancelledError()
         if not self._waiters:
             self._check_usable(call, fresh=fresh)
             if (child := self._pick()) is not None:
@@ -388,9 +392,11 @@ class AioProcessExecutor(Executor):
         jobs = list(child.in_flight.values())
         child.in_flight.clear()
         names = [job.call.state_name for job in jobs if not job.abandoned]
-        if child.killed_for is None:
+        if child.killed_for is None and self._phase is _Phase.RUNNING:
             logger.warning("aioprocess: child pid %d %s holding states %s",
                            child.pid, describe_exit(code), names or "none")
+        else:
+            logger.debug("aioprocess: child pid %d %s", child.pid, describe_exit(code))
         for job in jobs:
             job.child = None
             if job.killer is not None:
@@ -428,6 +434,7 @@ class AioProcessExecutor(Executor):
         if self._phase is not _Phase.RUNNING:
             return
         for _ in range(self.processes - len(self._children) - self._spawning):
+            self._spawning += 1  # now, so that a second _top_up in this iteration counts it
             task = asyncio.get_running_loop().create_task(self._respawn())
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -442,8 +449,12 @@ class AioProcessExecutor(Executor):
             self._spawn_error = exc
         self._wake()
 
-    async def _spawn(self) -> None:
+    async def _counted_spawn(self) -> None:
         self._spawning += 1
+        await self._spawn()
+
+    async def _spawn(self) -> None:
+        """Start one child (the caller counted it in ``_spawning``) and serve it."""
         try:
             child = await ChildHandle.spawn(next(self._index), timeout=self.start_timeout,
                                             **self._child_options)

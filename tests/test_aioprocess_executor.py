@@ -419,6 +419,8 @@ async def test_crash_table(case: Crash, files: Any) -> None:
             assert len(lost) == 1 and innocent_pid not in lost
             assert await gone(lost)
             assert await wait_for(lambda: len(ex.worker_pids()) == 2), "no child replaced it"
+            assert await wait_for(lambda: ex._spawning == 0)
+            assert len(ex.worker_pids()) == 2, "more children than processes"
         else:
             assert not lost, "the child should have survived"
         assert await ex.run(prepared("next", add, 2, 2)) == 4
