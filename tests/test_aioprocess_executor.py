@@ -665,6 +665,9 @@ async def test_states_run_through_the_manager(files: Any) -> None:
                                      executor="aioprocess"))
         crash = await m.put_state(State("crasher", call_os_exit, executor="aioprocess"))
         assert await ok == 15
+        lam = await m.put_state(State("lambda", lambda x: asyncio.sleep(0, result=x + 1),
+                                      args=(41,), executor="aioprocess"))
+        assert await lam == 42
         with pytest.raises(WorkerCrashedError, match=r"'crasher'.*exited with code 3"):
             await crash
         assert crash.status is StateStatus.FAILED
