@@ -1,0 +1,208 @@
+"""Cold start, memory and logging: what statepool costs beyond the calls themselves.
+
+* coldstart: from nothing to the first result of a process call (a fresh pool each repetition;
+  the warm-up repetition pays the module imports), the RSS of the idle pool's processes once it
+  has answered, and the time its shutdown takes;
+* memory: RSS per queued state with 100,000 states queued, each repetition in a fresh
+  interpreter (``benchmarks.memprobe``), against pending asyncio tasks and queue items;
+* logging: inline dispatch with the ``engine`` logger at INFO (DEBUG off) and at DEBUG into
+  /dev/null, against logging disabled; repetitions interleaved so that drift hits all three.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+import psutil
+
+from .baselines import Backend
+from .cases import StatepoolBackend, rows
+from .harness import Case, Config, Figure, Runner, now, repeat, templates
+from .noise import descendants
+
+__all__ = ["coldstart_cases", "logging_cases", "memory_cases"]
+
+_COLD_BASELINES = ("ProcessPoolExecutor", "loky (direct)", "aiomultiprocess apply",
+                   "dask Client.submit")
+_COLD_EXECUTORS = ("process", "aioprocess", "dask")
+
+
+def coldstart_cases(cfg: Config) -> list[Case]:
+    metrics = [("first result", "ms", False), ("idle pool RSS", "MB", False),
+               ("shutdown", "ms", False)]
+    cases = []
+    for label, factory, kind, base in rows(_COLD_BASELINES, _COLD_EXECUTORS):
+        figs = templates("coldstart", label, kind, base, metrics)
+        cases.append(Case("coldstart", label, figs, _coldstart(cfg, factory)))
+    return cases
+
+
+def _is_tracker(proc: psutil.Process) -> bool:
+    try:
+        return any("resource_tracker" in part for part in proc.cmdline())
+    except psutil.Error:
+        return True
+
+
+async def _pool_processes(before: set[int]) -> list[psutil.Process]:
+    """The processes the pool started, once their number has held still for 150 ms (1 s max)."""
+    seen: list[int] = []
+    stable, deadline = 0, now() + 1.0
+    while stable < 3 and now() < deadline:
+        procs = [p for p in descendants() if p.pid not in before and not _is_tracker(p)]
+        pids = sorted(p.pid for p in procs)
+        stable = stable + 1 if pids == seen else 0
+        seen = pids
+        await asyncio.sleep(0.05)
+    return [p for p in descendants() if p.pid in seen]
+
+
+def _rss(procs: list[psutil.Process]) -> int:
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+def _coldstart(cfg: Config, factory: Callable[[int], Backend]) -> Runner:
+    counts: list[int] = []
+
+    async def once() -> tuple[float, float, float]:
+        before = {p.pid for p in descendants()}
+        t0 = now()
+        backend = factory(cfg.workers)
+        await backend.open()
+        try:
+            await backend.call("noop")
+            first = now() - t0
+            procs = await _pool_processes(before)
+            rss = _rss(procs)
+            counts.append(len(procs))
+        finally:
+            t1 = now()
+            await backend.__aexit__(None, None, None)
+        return first * 1e3, rss / 2**20, (now() - t1) * 1e3
+
+    async def run(figs: list[Figure]) -> None:
+        reps = await repeat(cfg, once)
+        for i, fig in enumerate(figs):
+            fig.repetitions = [r[i] for r in reps]
+            fig.params = {"workers": cfg.workers, "pool_processes": counts[cfg.warmup:]}
+
+    return run
+
+
+_MEM_SUBJECTS = (
+    ("asyncio create_task (pending)", "tasks", "baseline", None),
+    ("asyncio.Queue items", "queue", "baseline", None),
+    ("statepool queued states", "statepool", "statepool", "asyncio create_task (pending)"),
+)
+
+
+def memory_cases(cfg: Config) -> list[Case]:
+    n = cfg.size(100_000, 10_000)
+    cases = []
+    for label, kind_arg, kind, base in _MEM_SUBJECTS:
+        figs = templates("memory", label, kind, base, [("RSS per queued call", "B", False)])
+        cases.append(Case("memory", label, figs, _memory(cfg, kind_arg, n)))
+    return cases
+
+
+def _memory(cfg: Config, kind: str, n: int) -> Runner:
+    async def once() -> float:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "benchmarks.memprobe", kind, str(n),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"memprobe {kind} failed: {err.decode()[-2000:]}")
+        got = json.loads(out)
+        if got["queued"] != n:
+            raise RuntimeError(f"memprobe {kind}: {got['queued']} of {n} calls were queued")
+        return float(got["rss_after"] - got["rss_before"]) / n
+
+    async def run(figs: list[Figure]) -> None:
+        figs[0].repetitions = await repeat(cfg, once)
+        figs[0].params = {"queued": n, "fresh_interpreter": True}
+
+    return run
+
+
+_LOG_MODES = ("logging disabled", "engine logger at INFO", "engine logger at DEBUG to /dev/null")
+
+
+def logging_cases(cfg: Config) -> list[Case]:
+    n = cfg.size(20_000, 1_000)
+    subject = "statepool inline"
+    figs = [
+        *templates("logging", f"{subject}, {_LOG_MODES[0]}", "baseline", None,
+                   [("throughput", "calls/s", True)]),
+        *[fig for mode in _LOG_MODES[1:] for fig in templates(
+            "logging", f"{subject}, {mode}", "statepool", f"{subject}, {_LOG_MODES[0]}",
+            [("throughput", "calls/s", True)])],
+    ]
+    return [Case("logging", subject, figs, _logging(cfg, n))]
+
+
+class _Logging:
+    """Set the ``engine`` logger for one mode; ``restore()`` puts everything back."""
+
+    def __init__(self) -> None:
+        self.logger = logging.getLogger("engine")
+        self.level = self.logger.level
+        self.sink = open(os.devnull, "w")  # noqa: SIM115 - closed by restore()
+        self.handler = logging.StreamHandler(self.sink)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+
+    def set(self, mode: str) -> None:
+        self.restore_levels()
+        if mode == _LOG_MODES[0]:
+            logging.disable(logging.CRITICAL)
+        elif mode == _LOG_MODES[1]:
+            self.logger.setLevel(logging.INFO)
+        else:
+            self.logger.setLevel(logging.DEBUG)
+            self.logger.addHandler(self.handler)
+
+    def restore_levels(self) -> None:
+        logging.disable(logging.NOTSET)
+        self.logger.setLevel(self.level)
+        self.logger.removeHandler(self.handler)
+
+    def restore(self) -> None:
+        self.restore_levels()
+        self.sink.close()
+
+
+def _logging(cfg: Config, n: int) -> Runner:
+    async def run(figs: list[Figure]) -> None:
+        modes = _Logging()
+        args: list[tuple[()]] = [()] * n
+        reps: dict[str, list[float]] = {mode: [] for mode in _LOG_MODES}
+        try:
+            async with StatepoolBackend(cfg.workers, "inline") as backend:
+                async def once() -> None:
+                    for mode in _LOG_MODES:
+                        modes.set(mode)
+                        t0 = now()
+                        await backend.gather("noop", args)
+                        reps[mode].append(n / (now() - t0))
+                    modes.restore_levels()
+
+                await repeat(cfg, once)
+        finally:
+            modes.restore()
+        for fig, mode in zip(figs, _LOG_MODES, strict=True):
+            fig.repetitions = reps[mode][cfg.warmup:]
+            fig.params = {"calls_per_repetition": n, "interleaved": True}
+
+    return run

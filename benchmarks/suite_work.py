@@ -1,0 +1,126 @@
+"""CPU scaling and payload: real work, where processes must beat the GIL and carry data.
+
+* cpu: K pure-Python tasks of about 80 ms each; the speedup over running them one after another
+  in this process, and the parallel efficiency (speedup / workers). Threads are measured too, to
+  show the GIL.
+* payload: one call carrying a numpy array (10 MB and 100 MB; statepool passes it as a lazy
+  argument), in milliseconds per call.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+from . import work
+from .baselines import Backend
+from .cases import rows
+from .harness import Case, Config, Figure, Runner, now, repeat, templates
+
+__all__ = ["cpu_cases", "payload_cases"]
+
+_CPU_BASELINES = (
+    "ThreadPoolExecutor",
+    "ProcessPoolExecutor",
+    "loky (direct)",
+    "aiomultiprocess apply",
+    "joblib.Parallel (sync)",
+    "dask Client.submit",
+)
+_CPU_EXECUTORS = ("thread", "process", "aioprocess", "dask")
+_PAYLOAD_BASELINES = _CPU_BASELINES
+_PAYLOAD_EXECUTORS = _CPU_EXECUTORS
+_SERIAL = "serial (one process)"
+
+
+def cpu_cases(cfg: Config) -> list[Case]:
+    """The serial reference first: every speedup is taken over its median."""
+    task_s = 0.02 if cfg.quick else 0.08
+    k = cfg.size(4 * cfg.workers, 2 * cfg.workers)
+    shared: dict[str, Any] = {}
+    serial = templates("cpu", _SERIAL, "baseline", None, [("serial time", "ms", False)])
+    cases = [Case("cpu", _SERIAL, serial, _serial(cfg, k, task_s, shared))]
+    metrics = [("speedup", "x", True), ("efficiency", "%", True)]
+    for label, factory, kind, base in rows(_CPU_BASELINES, _CPU_EXECUTORS):
+        figs = templates("cpu", label, kind, base, metrics)
+        cases.append(Case("cpu", label, figs, _scaling(cfg, factory, k, shared)))
+    return cases
+
+
+def _serial(cfg: Config, k: int, task_s: float, shared: dict[str, Any]) -> Runner:
+    async def run(figs: list[Figure]) -> None:
+        turns = work.calibrate_burn(task_s)
+
+        async def once() -> float:
+            t0 = now()
+            for _ in range(k):
+                work.burn(turns)
+            return now() - t0
+
+        times = await repeat(cfg, once)
+        shared["turns"], shared["serial_s"] = turns, statistics.median(times)
+        figs[0].repetitions = [t * 1e3 for t in times]
+        figs[0].params = {"tasks": k, "loop_turns": turns, "task_ms": 1e3 * shared["serial_s"] / k}
+
+    return run
+
+
+def _scaling(cfg: Config, factory: Callable[[int], Backend], k: int,
+             shared: dict[str, Any]) -> Runner:
+    async def run(figs: list[Figure]) -> None:
+        if "serial_s" not in shared:
+            raise RuntimeError("no serial reference: the serial case did not run")
+        turns, serial_s = shared["turns"], shared["serial_s"]
+        expected = work.burn(turns)
+        async with factory(cfg.workers) as backend:
+            async def once() -> float:
+                t0 = now()
+                results = await backend.gather("burn", [(turns,)] * k)
+                elapsed = now() - t0
+                if results != [expected] * k:
+                    raise RuntimeError(f"{backend.label}: wrong results for the CPU tasks")
+                return elapsed
+
+            times = await repeat(cfg, once)
+        figs[0].repetitions = [serial_s / t for t in times]
+        figs[1].repetitions = [100.0 * serial_s / t / cfg.workers for t in times]
+        for fig in figs:
+            fig.params = {"tasks": k, "workers": cfg.workers, "serial_ms": serial_s * 1e3,
+                          "parallel_ms": [t * 1e3 for t in times]}
+
+    return run
+
+
+def payload_cases(cfg: Config) -> list[Case]:
+    sizes_mb = (1, 10) if cfg.quick else (10, 100)
+    metrics = [(f"time per call, {mb} MB", "ms", False) for mb in sizes_mb]
+    cases = []
+    for label, factory, kind, base in rows(_PAYLOAD_BASELINES, _PAYLOAD_EXECUTORS):
+        figs = templates("payload", label, kind, base, metrics)
+        cases.append(Case("payload", label, figs, _payload(cfg, factory, sizes_mb)))
+    return cases
+
+
+def _payload(cfg: Config, factory: Callable[[int], Backend], sizes_mb: tuple[int, ...]) -> Runner:
+    async def run(figs: list[Figure]) -> None:
+        import numpy as np
+
+        async with factory(cfg.workers) as backend:
+            await backend.call("noop")  # the pool is warm before the first payload
+            for fig, mb in zip(figs, sizes_mb, strict=True):
+                arr = np.ones(mb * 2**20 // 8, dtype=np.float64)
+
+                async def once(arr: Any = arr) -> float:
+                    t0 = now()
+                    got = await backend.call("nbytes", arr, lazy=True)
+                    elapsed = now() - t0
+                    if got != arr.nbytes:
+                        raise RuntimeError(f"{backend.label}: answered {got} for {arr.nbytes}")
+                    return elapsed * 1e3
+
+                fig.repetitions = await repeat(cfg, once)
+                fig.params = {"bytes": arr.nbytes, "dtype": "float64", "workers": cfg.workers}
+                del arr
+
+    return run

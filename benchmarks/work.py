@@ -1,0 +1,66 @@
+"""The work every benchmark runs, in importable functions (pickled by reference).
+
+Each task comes as a plain function and as a coroutine function, so that every backend runs the
+same code: thread and process pools take the plain one, asyncio and aiomultiprocess the other.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["aburn", "anbytes", "anoop", "burn", "calibrate_burn", "nbytes", "noop", "task"]
+
+
+def noop() -> None:
+    """The trivial task: dispatch cost only."""
+    return None
+
+
+async def anoop() -> None:
+    return None
+
+
+def burn(n: int) -> int:
+    """Pure-Python CPU work that holds the GIL: ``n`` loop turns."""
+    total = 0
+    for i in range(n):
+        total += i * i % 7
+    return total
+
+
+async def aburn(n: int) -> int:
+    return burn(n)
+
+
+def nbytes(arr: Any) -> int:
+    """Touch an array that was carried to the worker and answer its size (a small result)."""
+    return int(arr.nbytes)
+
+
+async def anbytes(arr: Any) -> int:
+    return nbytes(arr)
+
+
+_TASKS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+    "noop": (noop, anoop),
+    "burn": (burn, aburn),
+    "nbytes": (nbytes, anbytes),
+}
+
+
+def task(name: str, *, coro: bool) -> Callable[..., Any]:
+    """The function for task ``name``: its coroutine form when ``coro`` is true."""
+    plain, coroutine = _TASKS[name]
+    return coroutine if coro else plain
+
+
+def calibrate_burn(target_s: float, probe: int = 200_000) -> int:
+    """Loop turns that make ``burn`` take about ``target_s`` seconds here (best of 3 probes)."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        burn(probe)
+        best = min(best, time.perf_counter() - t0)
+    return max(1_000, int(probe * target_s / best))
