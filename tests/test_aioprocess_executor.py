@@ -621,6 +621,33 @@ async def test_shutdown_twice_then_run_again() -> None:
         await ex.shutdown(cancel=False)
 
 
+def children_but_trackers() -> set[int]:
+    out = set()
+    for proc in psutil.Process().children():
+        try:
+            if not any("resource_tracker" in part for part in proc.cmdline()):
+                out.add(proc.pid)
+        except psutil.Error:
+            continue
+    return out
+
+
+async def test_cancelled_start_leaves_no_child() -> None:
+    before = children_but_trackers()
+    ex = AioProcessExecutor(processes=2)
+    starting = asyncio.create_task(ex.start())
+    assert await wait_for(lambda: len(children_but_trackers() - before) == 2)
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    assert ex.worker_pids() == []
+    assert await gone(children_but_trackers() - before)
+    try:
+        assert await ex.run(prepared("after", add, 1, 1)) == 2  # a later start works
+    finally:
+        await ex.shutdown(cancel=True)
+
+
 async def test_initializer_runs_in_every_child() -> None:
     ex = AioProcessExecutor(processes=1, initializer=set_marker_env, initargs=("ready",))
     try:
