@@ -32,7 +32,7 @@ from executors._remote import (
     dumps_call,
     dumps_call_small,
 )
-from executors.aioprocess import AioProcessExecutor
+from executors.aioprocess import MAX_RERUNS, AioProcessExecutor
 from executors.base import PreparedCall
 
 # Functions of this module travel by value, as a script's would: children need not import it.
@@ -503,6 +503,30 @@ async def test_cancel_kills_a_child_that_does_not_stop(
         Path(files("release")).touch()
         sharer_pid, value = await asyncio.wait_for(sharer, DEADLINE_S)  # sent again, succeeds
         assert value == "ok" and sharer_pid != pid
+    finally:
+        await ex.shutdown(cancel=True)
+
+
+async def test_a_call_whose_child_is_killed_too_often_fails(files: Any) -> None:
+    ex = AioProcessExecutor(processes=1, childconcurrency=2, cancel_grace=0.05)
+    await ex.start()
+    try:
+        started = asyncio.Event()
+        sharer = asyncio.create_task(ex.run(prepared(
+            "sharer", held_until, files("never"), None, on_start=started.set)))
+        await started.wait()
+        for attempt in range(MAX_RERUNS + 1):
+            running = files(f"running{attempt}")
+            task = asyncio.create_task(ex.run(prepared(f"stubborn {attempt}", block_loop,
+                                                        running)))
+            pid = await pid_in(Path(running))
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await gone([pid])
+        with pytest.raises(WorkerCrashedError,
+                           match=f"killed to stop state 'stubborn {MAX_RERUNS}'"):
+            await asyncio.wait_for(sharer, DEADLINE_S)
     finally:
         await ex.shutdown(cancel=True)
 
