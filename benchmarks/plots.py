@@ -25,11 +25,20 @@ def _bars(ax: Any, figs: list[Figure], *, log: bool, xlabel: str) -> None:
     hi = [max(f.repetitions) - m for m, f in zip(med, figs, strict=True)]
     colors = [_STATEPOOL if f.kind == "statepool" else _BASELINE for f in figs]
     ax.barh(labels, med, xerr=[lo, hi], color=colors, capsize=3)
+    _mark_statepool(ax, [f.kind for f in figs])
     ax.invert_yaxis()
     if log:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.grid(axis="x", alpha=0.3)
+
+
+def _mark_statepool(ax: Any, kinds: list[str]) -> None:
+    """statepool's rows get blue bold tick labels."""
+    for tick, kind in zip(ax.get_yticklabels(), kinds, strict=True):
+        if kind == "statepool":
+            tick.set_color(_STATEPOOL)
+            tick.set_fontweight("bold")
 
 
 def _figure(plt: Any, rows: int) -> tuple[Any, Any]:
@@ -86,7 +95,7 @@ def write_plots(out_dir: str, figures: Sequence[Figure], workers: int) -> list[s
 def _payload_chart(plt: Any, payload: list[Figure], out_dir: str, written: list[str]) -> None:
     metrics = list(dict.fromkeys(f.metric for f in payload))
     subjects = list(dict.fromkeys(f.subject for f in payload))
-    fig, ax = _figure(plt, len(subjects) * len(metrics) // 2 + 2)
+    fig, ax = _figure(plt, len(subjects) * len(metrics) // 2 + 3)
     height = 0.8 / len(metrics)
     by_key = {(f.subject, f.metric): f for f in payload}
     for i, metric in enumerate(metrics):
@@ -95,10 +104,12 @@ def _payload_chart(plt: Any, payload: list[Figure], out_dir: str, written: list[
                 for s in subjects]
         ax.barh(ys, vals, height=height, label=metric)
     ax.set_yticks([j + 0.4 - height / 2 for j in range(len(subjects))], subjects)
+    kinds = {f.subject: f.kind for f in payload}
+    _mark_statepool(ax, [kinds[s] for s in subjects])
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlabel("ms per call carrying a numpy array (log)")
-    ax.legend(loc="lower right")
+    ax.set_xlabel("ms per call carrying a numpy array (log; blue labels: statepool)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=len(metrics))
     ax.grid(axis="x", alpha=0.3)
     ax.set_title("Payload: a numpy array as an argument")
     _save(fig, plt, out_dir, "payload.png", written)

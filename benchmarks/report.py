@@ -63,6 +63,7 @@ def _suite_table(suite: str, figs: list[Figure], noise: dict[str, Any] | None) -
     table.add_column("median", justify="right", no_wrap=True)
     table.add_column("spread", justify="right", no_wrap=True)
     table.add_column("ratio", justify="right", no_wrap=True)
+    table.add_column("noise", justify="right", no_wrap=True)
     table.add_column("baseline / note", overflow="fold")
     for fig in figs:
         subject = Text(fig.subject, style="bold cyan" if fig.kind == "statepool" else "")
@@ -70,12 +71,13 @@ def _suite_table(suite: str, figs: list[Figure], noise: dict[str, Any] | None) -
         if fig.skipped or fig.error:
             why = fig.skipped or f"error: {fig.error}"
             style = "yellow" if fig.skipped else "bold red"
-            table.add_row(subject, figure, "-", "-", "", Text(why[:160], style=style))
+            table.add_row(subject, figure, "-", "-", "", "", Text(why[:160], style=style))
             continue
         spread = f"{100 * fig.spread:.0f}%" if fig.spread is not None else "-"
         base = fig.baseline.split("/", 2)[2] if fig.baseline else ""
+        noise = f"{fig.noise_pct:.0f}%" if fig.noise_pct is not None else "-"
         table.add_row(subject, figure, f"{fmt(fig.median)} {fig.unit}", spread,
-                      _ratio_text(fig), base)
+                      _ratio_text(fig), noise, base)
     return table
 
 
@@ -96,7 +98,8 @@ def print_report(out: Console, cfg: Config, machine: dict[str, Any],
             out.print(_suite_table(suite, figs, sections.get(suite, {}).get("noise")))
     out.print("↑ higher is better, ↓ lower is better. spread: (max - min) / median of the "
               "repetitions. ratio: statepool's median over its baseline's (green: statepool "
-              "is ahead, red: behind).")
+              "is ahead, red: behind). noise: share of all cores that other processes used "
+              "while the row was measured.")
     left = cleanup.get("children_left") or []
     shm = cleanup.get("shm_left") or []
     if left:

@@ -34,10 +34,10 @@ _BATCH = {
     "asyncio gather(create_task)": 20_000, "asyncio.Queue consumer": 20_000,
     "statepool inline": 20_000, "joblib.Parallel (sync)": 20_000,
     "ThreadPoolExecutor": 5_000, "statepool thread": 5_000,
-    "ProcessPoolExecutor": 2_000, "loky (direct)": 2_000, "statepool process": 2_000,
+    "ProcessPoolExecutor": 1_000, "loky (direct)": 1_000, "statepool process": 1_000,
     "aiomultiprocess apply": 2_000, "aiomultiprocess starmap": 2_000,
     "statepool aioprocess": 2_000,
-    "dask Client.submit": 300, "statepool dask": 300,
+    "dask Client.submit": 200, "statepool dask": 200,
 }
 # round trips per repetition (full run)
 _TRIPS = {

@@ -160,11 +160,17 @@ def test_every_executor_has_a_dispatch_row_measured_or_skipped(doc: dict[str, An
 
 
 def test_cpu_speedups_are_plausible(doc: dict[str, Any]) -> None:
+    """A speedup far past the worker count would be a broken measurement (noise can push a
+    figure somewhat past it: the serial run shares the machine with other processes)."""
     figs = {f["subject"]: f for f in doc["figures"]
             if f["suite"] == "cpu" and f["metric"] == "speedup" and f["median"]}
+    assert "ThreadPoolExecutor" in figs and "loky (direct)" in figs
     workers = doc["config"]["workers"]
     for subject, fig in figs.items():
-        assert 0 < fig["median"] < workers * 1.5, subject
+        assert 0 < fig["median"] < workers * 3, subject
+        eff = next(f for f in doc["figures"] if f["suite"] == "cpu"
+                   and f["metric"] == "efficiency" and f["subject"] == subject)
+        assert eff["median"] == pytest.approx(100 * fig["median"] / workers)
 
 
 def test_charts_are_valid_png_files(quick_run: dict[str, Any]) -> None:
