@@ -1,0 +1,160 @@
+"""Helpers of the ``"dask"`` executor: what runs on the workers and how errors come back.
+
+The functions shipped to workers are built by factories, as closures: cloudpickle carries a
+closure by value, so a Dask worker runs them without statepool installed (it needs only what the
+state's own function imports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import traceback
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import cloudpickle
+from distributed import KilledWorker
+
+from engine.errors import SerializationError, WorkerCrashedError
+
+from ._remote import RemoteTraceback, type_name
+from .base import PreparedCall
+
+__all__ = ["Slots", "hard_exit", "serialization_error", "task_function", "translate_error"]
+
+_RESULT_NOT_SERIALIZABLE = "Could not serialize object of type "
+_EXIT_MARK = "statepool: the state tried to end its Dask worker"
+
+
+def task_function(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The function submitted to Dask for ``fn``: it runs there, in a worker thread.
+
+    A coroutine (what a coroutine function returns) runs under its own ``asyncio.run``, so one
+    that blocks does not stall the worker's event loop (Dask's native async tasks share that loop
+    with the worker's heartbeats). ``SystemExit`` and ``KeyboardInterrupt`` come back as a marked
+    ``RuntimeError`` instead of taking the worker down (which Dask does, slowly, and then runs
+    the task again elsewhere).
+    """
+    mark = _EXIT_MARK
+
+    def statepool_task(*args: Any, **kwargs: Any) -> Any:
+        import asyncio
+        import inspect
+
+        try:
+            result = fn(*args, **kwargs)
+            if inspect.isawaitable(result):
+                awaitable = result
+
+                async def wait() -> Any:
+                    return await awaitable
+
+                result = asyncio.run(wait())
+            return result
+        except (SystemExit, KeyboardInterrupt) as exc:
+            code = exc.code if isinstance(exc, SystemExit) else None
+            raise RuntimeError(mark, type(exc).__name__, code) from None
+
+    return statepool_task
+
+
+def hard_exit() -> Callable[[], Coroutine[Any, Any, None]]:
+    """A coroutine function that ends the worker process at once (its nanny starts a new one)."""
+
+    async def statepool_hard_exit() -> None:
+        import asyncio
+        import os
+
+        asyncio.get_running_loop().call_soon(os._exit, 1)
+
+    return statepool_hard_exit
+
+
+def translate_error(exc: BaseException, call: PreparedCall) -> BaseException:
+    """The exception ``run()`` raises for ``exc``, raised while awaiting a Dask future."""
+    where = f"state {call.state_name!r} ({call.func_name})"
+    err: BaseException
+    if isinstance(exc, KilledWorker):
+        last = getattr(exc.last_worker, "address", "?")
+        err = WorkerCrashedError(
+            f"{where}: the Dask worker process running it died; Dask ran it on "
+            f"{exc.allowed_failures + 1} worker(s), each died (last: {last})",
+            state_name=call.state_name,
+        )
+    elif isinstance(exc, concurrent.futures.CancelledError):  # distributed's FutureCancelledError
+        reason = getattr(exc, "reason", "unknown")
+        err = asyncio.CancelledError(f"{where}: its Dask future was cancelled ({reason})")
+    elif isinstance(exc, RuntimeError) and exc.args[:1] == (_EXIT_MARK,):
+        _, kind, code = exc.args
+        exitcode = code if isinstance(code, int) else (None if code is None else 1)
+        what = f"sys.exit({code!r})" if kind == "SystemExit" else kind
+        err = WorkerCrashedError(
+            f"{where} raised {what} on its Dask worker", state_name=call.state_name,
+            exitcode=exitcode,
+        )
+    elif isinstance(exc, TypeError) and str(exc).startswith(_RESULT_NOT_SERIALIZABLE):
+        type_ = str(exc)[len(_RESULT_NOT_SERIALIZABLE):].split("\n", 1)[0].strip()
+        err = SerializationError(
+            f"{where} returned a {type_} that Dask cannot serialize back to the client"
+        )
+    else:
+        if exc.__cause__ is None and exc.__traceback__ is not None:
+            exc.__cause__ = RemoteTraceback(
+                "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        return exc
+    err.__cause__ = exc
+    return err
+
+
+def serialization_error(exc: BaseException, call: PreparedCall) -> SerializationError | None:
+    """The error for a submit that failed to serialize, naming the first part that does not
+    pickle; ``None`` when every part pickles (``exc`` is about something else)."""
+    parts: list[tuple[str, object]] = [("function", call.fn)]
+    parts += [(f"argument {i}", arg) for i, arg in enumerate(call.args)]
+    parts += [(f"keyword argument {key!r}", value) for key, value in call.kwargs.items()]
+    for label, obj in parts:
+        try:
+            cloudpickle.dumps(obj)
+        except Exception:
+            what = f"{label} of type {type_name(obj)}"
+            break
+    else:
+        return None
+    err = SerializationError(
+        f"cannot send state {call.state_name!r} to Dask: its {what} cannot be pickled "
+        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    )
+    err.__cause__ = exc
+    return err
+
+
+class Slots:
+    """Calls in flight, at most ``capacity()`` (read again as it changes: workers come and go).
+
+    A call waits here, in the parent, until the cluster has a thread for it; so a state that is
+    cancelled while it waits never reaches Dask, and its ``timeout`` starts when it is sent.
+    """
+
+    def __init__(self, capacity: Callable[[], int], recheck_s: float = 0.2) -> None:
+        self._capacity = capacity
+        self._recheck_s = recheck_s
+        self._used = 0
+        self._freed = asyncio.Event()
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    async def acquire(self) -> None:
+        while self._used >= self._capacity():
+            self._freed.clear()
+            # a freed slot wakes the waiters at once; new workers are seen at the next recheck
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), self._recheck_s)
+        self._used += 1
+
+    def release(self) -> None:
+        self._used -= 1
+        self._freed.set()

@@ -1,0 +1,298 @@
+"""``"dask"``: states run on a Dask cluster through ``distributed.Client(asynchronous=True)``.
+
+With no ``address`` the executor starts its own ``LocalCluster`` of worker processes on loopback,
+with no dashboard, and closes it at shutdown; with an ``address`` it connects to that scheduler
+(TLS through ``security``) and, at shutdown, closes only its client.
+
+What Dask can and cannot stop. A cancelled state whose task has not started yet never starts (its
+future is cancelled; for a cluster it started, the executor also holds back tasks beyond the
+cluster's threads, so a pending state never leaves the parent). A task that already runs cannot
+be interrupted: Dask only drops its result. With ``kill_on_cancel`` (the default for a cluster
+the executor started) the worker process running it is ended and its nanny starts a fresh one,
+so the CPU work stops too. Execution is at least once: when a worker dies, Dask runs the tasks
+it held again elsewhere, up to ``allowed_failures`` times, then fails them with ``KilledWorker``
+(a ``WorkerCrashedError`` here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import distributed
+import psutil
+
+from ._dask_scatter import ScatterCache
+from ._dask_support import (
+    Slots,
+    hard_exit,
+    serialization_error,
+    task_function,
+    translate_error,
+)
+from .base import Executor, PreparedCall
+
+__all__ = ["DaskExecutor"]
+
+logger = logging.getLogger("engine")
+
+# distributed's annotations are partial (untyped functions, optional awaitables): use it untyped
+_dd: Any = distributed
+
+#: Arguments whose estimated size reaches this many bytes are scattered ahead of the task.
+SCATTER_THRESHOLD = 1_000_000
+
+
+def _default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+class DaskExecutor(Executor):
+    """Runs each call as one Dask task; a ``LocalCluster`` of its own unless given ``address``."""
+
+    name = "dask"
+
+    def __init__(
+        self,
+        address: str | None = None,
+        n_workers: int | None = None,
+        security: distributed.Security | None = None,
+        *,
+        threads_per_worker: int = 1,
+        dashboard_address: str | None = None,
+        kill_on_cancel: bool | None = None,
+        allowed_failures: int = 1,
+        max_in_flight: int | None = None,
+        scatter_threshold: int | None = SCATTER_THRESHOLD,
+        cluster_kwargs: Mapping[str, Any] | None = None,
+        client_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if address is not None and n_workers is not None:
+            raise ValueError("DaskExecutor: give either 'address' or 'n_workers', not both")
+        for field, value in (("n_workers", n_workers), ("max_in_flight", max_in_flight)):
+            if value is not None and value < 1:
+                raise ValueError(f"DaskExecutor: {field!r} must be >= 1, got {value!r}")
+        if threads_per_worker < 1:
+            raise ValueError(
+                f"DaskExecutor: 'threads_per_worker' must be >= 1, got {threads_per_worker!r}")
+        if allowed_failures < 0:
+            raise ValueError(
+                f"DaskExecutor: 'allowed_failures' must be >= 0, got {allowed_failures!r}")
+        if address is None and n_workers is None:
+            n_workers = _default_workers()
+        self.address = address
+        self.n_workers = n_workers
+        self.security = security
+        self.threads_per_worker = threads_per_worker
+        self.dashboard_address = dashboard_address
+        self.kill_on_cancel = address is None if kill_on_cancel is None else kill_on_cancel
+        self.allowed_failures = allowed_failures
+        self.max_in_flight = max_in_flight
+        self.cluster_kwargs = dict(cluster_kwargs or {})
+        self.client_kwargs = dict(client_kwargs or {})
+        self._scatter = ScatterCache(scatter_threshold)
+        self._client: Any = None
+        self._cluster: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._start_lock = asyncio.Lock()
+        self._slots = Slots(self._capacity)
+        self._in_flight: set[Any] = set()
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        """The ``distributed.Client`` once started (for ``client.upload_file`` and the like)."""
+        return self._client
+
+    async def start(self) -> None:
+        """Start the cluster (none when given ``address``) and connect the client."""
+        await self._ensure_client()
+
+    async def _ensure_client(self) -> Any:
+        if self._closed:
+            raise RuntimeError("the dask executor is shut down")
+        loop = asyncio.get_running_loop()
+        if self._loop is not None and self._loop is not loop:
+            raise RuntimeError("the dask executor belongs to the event loop that started it")
+        if self._client is not None:
+            return self._client
+        async with self._start_lock:
+            if self._client is None:
+                await self._connect(loop)
+        if self._client is None:  # shut down while starting
+            raise RuntimeError("the dask executor is shut down")
+        return self._client
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> None:
+        cluster = None
+        try:
+            if self.address is None:
+                cluster = await _dd.LocalCluster(**self._local_cluster_options())
+                target: Any = cluster
+            else:
+                target = self.address
+            client = await _dd.Client(target, asynchronous=True, security=self.security,
+                                  **self.client_kwargs)
+        except BaseException:
+            if cluster is not None:
+                await cluster.close()
+            raise
+        if self._closed:  # shutdown() came while the cluster started
+            await client.close()
+            if cluster is not None:
+                await cluster.close()
+            return
+        self._loop, self._cluster, self._client = loop, cluster, client
+        logger.debug("dask executor connected to %s", client.scheduler.address)
+
+    def _local_cluster_options(self) -> dict[str, Any]:
+        scheduler_kwargs: dict[str, Any] = {"allowed_failures": self.allowed_failures}
+        if self.dashboard_address is None:
+            # the scheduler serves its HTTP routes (health, metrics) even without a dashboard,
+            # on 8787 by default: keep them on a free loopback port
+            scheduler_kwargs["dashboard_address"] = "127.0.0.1:0"
+        options: dict[str, Any] = {
+            "n_workers": self.n_workers,
+            "threads_per_worker": self.threads_per_worker,
+            "processes": True,
+            "host": "127.0.0.1",
+            "dashboard_address": self.dashboard_address,
+            "asynchronous": True,
+            "security": self.security,
+            "silence_logs": logging.CRITICAL,  # failures reach the engine's log, once
+        }
+        options.update(self.cluster_kwargs)
+        scheduler_kwargs.update(options.pop("scheduler_kwargs", None) or {})
+        options["scheduler_kwargs"] = scheduler_kwargs
+        return options
+
+    async def shutdown(self, *, cancel: bool) -> None:
+        """Close the client, and the cluster if this executor started it. Safe to call twice.
+
+        ``cancel=True`` cancels the tasks in flight (running ones on a cluster the executor
+        started end with it); ``cancel=False`` waits for them first.
+        """
+        self._closed = True
+        client, cluster = self._client, self._cluster
+        self._client = self._cluster = None
+        futures = list(self._in_flight)
+        try:
+            if client is not None and futures:
+                if cancel:
+                    await client.cancel(futures, reason="statepool executor shutdown")
+                else:
+                    await _dd.wait(futures)
+        finally:
+            self._scatter.clear()
+            if client is not None:
+                await client.close()
+            if cluster is not None:
+                await cluster.close()
+                logger.debug("dask executor closed its LocalCluster")
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the worker processes of the ``LocalCluster`` this executor started."""
+        cluster = self._cluster
+        if cluster is None:
+            return []
+        pids = (getattr(worker, "pid", None) for worker in list(cluster.workers.values()))
+        return sorted(pid for pid in pids if isinstance(pid, int) and _alive(pid))
+
+    def __repr__(self) -> str:
+        where = self.address or f"LocalCluster({self.n_workers} workers)"
+        state = "closed" if self._closed else "connected" if self._client else "not started"
+        return f"<DaskExecutor {where} {state}>"
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def run(self, call: PreparedCall) -> Any:
+        """Submit ``call`` as one Dask task and return its result."""
+        client = await self._ensure_client()
+        async with self._slot():
+            held: list[str] = []
+            try:
+                try:
+                    args, kwargs = await self._scatter.swap_in(client, call.args, call.kwargs,
+                                                               held)
+                    fut = client.submit(task_function(call.fn), *args,
+                                        key=f"{call.state_name}-{uuid.uuid4().hex}",
+                                        pure=False, **kwargs)
+                except Exception as exc:
+                    error = serialization_error(exc, call)
+                    if error is None:
+                        raise
+                    raise error from exc
+                return await self._result(client, fut, call)
+            finally:
+                self._scatter.release(held)
+
+    def _capacity(self) -> int:
+        """How many calls may be in Dask at once: ``max_in_flight``, or the cluster's threads."""
+        if self._closed:
+            raise RuntimeError("the dask executor is shut down")
+        if self.max_in_flight is not None:
+            return self.max_in_flight
+        if self._cluster is not None:  # our LocalCluster's scheduler runs in this process
+            return int(self._cluster.scheduler.total_nthreads)
+        if self._client is None:
+            return 0
+        # the client's view, refreshed every 2 s (distributed.client.scheduler-info-interval)
+        return int(self._client.scheduler_info().get("total_threads", 0))
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        await self._slots.acquire()
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    async def _result(self, client: Any, fut: Any, call: PreparedCall) -> Any:
+        self._in_flight.add(fut)
+        call.started()
+        try:
+            try:
+                return await fut
+            except asyncio.CancelledError:
+                # the state was cancelled or timed out: stop the task, whatever comes next
+                await asyncio.shield(asyncio.ensure_future(self._stop(client, fut, call)))
+                raise
+            except Exception as exc:
+                error = translate_error(exc, call)
+                raise error from error.__cause__
+        finally:
+            self._in_flight.discard(fut)
+            fut.release()
+
+    async def _stop(self, client: Any, fut: Any, call: PreparedCall) -> None:
+        """Cancel ``fut``; if it runs and ``kill_on_cancel``, end the worker running it."""
+        workers: list[str] = []
+        try:
+            if self.kill_on_cancel and not fut.done():
+                stacks = await client.call_stack(keys=[fut.key])
+                workers = [addr for addr, keys in stacks.items() if fut.key in keys]
+            await client.cancel([fut], reason=f"state {call.state_name!r} cancelled")
+            if workers:
+                logger.warning("state %r (%s) cancelled while running: ending its Dask worker %s",
+                               call.state_name, call.func_name, ", ".join(workers))
+                await client.run(hard_exit(), workers=workers, wait=False)
+        except Exception:
+            logger.warning("state %r: could not stop its Dask task", call.state_name,
+                           exc_info=True)

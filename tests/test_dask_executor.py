@@ -1,0 +1,463 @@
+"""The ``"dask"`` executor: a LocalCluster it starts, and a cluster started apart with the CLI.
+
+Most tests start their own two-worker LocalCluster through the executor (about a second each) and
+end with no process left. The CLI cluster (``dask scheduler`` / ``dask worker``) is shared by the
+module; the ``no_leaks`` fixture below replaces conftest's: it ignores that cluster's processes
+(a killed worker's nanny starts a new one) and distributed's interpreter-wide offload thread, and
+the cluster's own fixture checks at the end of the module that all its processes are gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+from conftest import LEAK_GRACE_S, _wait_until, live_children
+
+from engine import State, StateManager, StateStatus
+from engine.errors import SerializationError, StateTimeoutError, WorkerCrashedError
+from executors import registry
+from executors._remote import RemoteTraceback
+from executors.base import PreparedCall
+from executors.dask import DaskExecutor
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DASK_CLI = pathlib.Path(sys.executable).with_name("dask")
+SHARED_THREADS = ("Dask-Offload",)  # distributed's module-level pool, alive until exit
+
+# -- what the workers run (module level: workers import this module by name) ----------------
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+async def double_later(x: int) -> tuple[int, int]:
+    await asyncio.sleep(0.01)
+    return os.getpid(), 2 * x
+
+
+def raise_value_error(text: str) -> None:
+    raise ValueError(text)
+
+
+def call_sys_exit() -> None:
+    sys.exit(3)
+
+
+def exit_process() -> None:
+    os._exit(7)
+
+
+def return_lock() -> threading.Lock:
+    return threading.Lock()
+
+
+def spin_until(release: str, marker: str | None = None, limit: float = 30.0) -> int:
+    """Write ``marker`` (the worker's pid), then burn CPU until ``release`` exists."""
+    if marker is not None:  # written whole, then renamed: a reader never sees it half done
+        pathlib.Path(marker + ".tmp").write_text(str(os.getpid()))
+        os.replace(marker + ".tmp", marker)
+    deadline = time.monotonic() + limit
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        sum(range(10_000))
+    return os.getpid()
+
+
+def touch(path: str) -> str:
+    pathlib.Path(path).write_text("ran")
+    return path
+
+
+def checksum(a: np.ndarray, scale: int = 1) -> int:
+    return int(a.sum()) * scale
+
+
+# -- fixtures and helpers ----------------------------------------------------------------------
+
+
+class _ExternalCluster:
+    def __init__(self, address: str, procs: list[subprocess.Popen[bytes]]) -> None:
+        self.address = address
+        self.procs = procs
+
+    def pids(self) -> set[int]:
+        """The CLI processes and every descendant (worker processes come and go)."""
+        out: set[int] = set()
+        for popen in self.procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc = psutil.Process(popen.pid)
+                out.add(proc.pid)
+                out.update(child.pid for child in proc.children(recursive=True))
+        return out
+
+
+_external: list[_ExternalCluster] = []
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """conftest's check, less the module's CLI cluster and distributed's offload thread."""
+    threads_before = set(threading.enumerate())
+    children_before = live_children()
+    yield
+    StateManager._reset_instance()
+
+    def new_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t not in threads_before and t.is_alive()
+                and not t.name.startswith(SHARED_THREADS)]
+
+    def new_children() -> set[int]:
+        shared = set().union(*(c.pids() for c in _external))
+        return live_children() - children_before - shared
+
+    _wait_until(lambda: not new_threads() and not new_children(), LEAK_GRACE_S)
+    threads, children = new_threads(), new_children()
+    assert not threads, f"test left threads running: {[t.name for t in threads]}"
+    assert not children, f"test left child processes: {sorted(children)}"
+
+
+@pytest.fixture(scope="module")
+def external_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_ExternalCluster]:
+    """``dask scheduler`` and ``dask worker --nworkers 2`` on loopback, as on other machines."""
+    tmp = tmp_path_factory.mktemp("dask-cli")
+    sched_file = tmp / "scheduler.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    common = {"cwd": tmp, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [subprocess.Popen([str(DASK_CLI), "scheduler", "--host", "127.0.0.1", "--port", "0",
+                               "--no-dashboard", "--scheduler-file", str(sched_file)], **common)]
+    cluster = _ExternalCluster("", procs)
+    _external.append(cluster)
+    try:
+        assert _wait_until(sched_file.exists, 30), "dask scheduler did not start"
+        _wait_until(lambda: bool(sched_file.read_text().strip()), 5)
+        cluster.address = json.loads(sched_file.read_text())["address"]
+        procs.append(subprocess.Popen(
+            [str(DASK_CLI), "worker", cluster.address, "--nworkers", "2", "--nthreads", "1",
+             "--host", "127.0.0.1", "--no-dashboard"], **common))
+        yield cluster
+    finally:
+        pids = cluster.pids()
+        for popen in reversed(procs):
+            popen.terminate()
+            try:
+                popen.wait(15)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait(5)
+        _external.remove(cluster)
+        gone = _wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status()
+                                           != psutil.STATUS_ZOMBIE for p in pids), 10)
+        assert gone, f"the CLI cluster left processes: {sorted(pids)}"
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def n_workers(ex: DaskExecutor, n: int, timeout: float = 10.0) -> None:
+    await asyncio.wait_for(ex.client.wait_for_workers(n), timeout)
+
+
+def call(name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> PreparedCall:
+    return PreparedCall(name, getattr(fn, "__name__", "fn"), fn, args, kw,
+                        is_coro=asyncio.iscoroutinefunction(fn))
+
+
+# -- a LocalCluster of its own -----------------------------------------------------------------
+
+
+async def test_results_coroutines_and_own_cluster_lifecycle(pids_gone: Any) -> None:
+    ex = DaskExecutor(n_workers=2)
+    assert ex.worker_pids() == []
+    await ex.start()
+    try:
+        pids = ex.worker_pids()
+        assert len(pids) == 2 and set(pids) <= {p.pid for p in psutil.Process().children(True)}
+        starts: list[str] = []
+        c = PreparedCall("add", "add", add, (2, 3), on_start=lambda: starts.append("add"))
+        assert await ex.run(c) == 5 and starts == ["add"]
+        pid, value = await ex.run(call("double", double_later, 21))
+        assert value == 42 and pid in pids
+        assert ex.client.scheduler.address.startswith("tcp://127.0.0.1:")
+        assert "connected" in repr(ex)
+    finally:
+        await ex.shutdown(cancel=True)
+    assert pids_gone(pids, 10)
+    await ex.shutdown(cancel=True)  # twice is fine
+    with pytest.raises(RuntimeError, match="shut down"):
+        await ex.run(call("late", add, 1, 1))
+
+
+async def test_failures_keep_their_type_or_map_to_engine_errors() -> None:
+    ex = DaskExecutor(n_workers=2)
+    try:
+        with pytest.raises(ValueError, match="bad input") as info:
+            await ex.run(call("raiser", raise_value_error, "bad input"))
+        assert isinstance(info.value.__cause__, RemoteTraceback)
+        assert "raise_value_error" in str(info.value.__cause__)
+
+        with pytest.raises(WorkerCrashedError, match=r"'exiter'.*sys.exit\(3\)") as crash:
+            await ex.run(call("exiter", call_sys_exit))
+        assert crash.value.state_name == "exiter" and crash.value.exitcode == 3
+
+        with pytest.raises(SerializationError, match=r"'unpicklable'.*argument 0.*lock"):
+            await ex.run(call("unpicklable", add, threading.Lock(), 1))
+
+        with pytest.raises(SerializationError, match=r"'lock-result'.*lock"):
+            await ex.run(call("lock-result", return_lock))
+
+        assert await ex.run(call("still-fine", add, 1, 2)) == 3
+    finally:
+        await ex.shutdown(cancel=True)
+
+
+async def test_worker_death_is_a_crash_of_that_state_only() -> None:
+    ex = DaskExecutor(n_workers=2)
+    try:
+        await ex.start()
+        t0 = time.monotonic()
+        crash, fine = await asyncio.gather(
+            ex.run(call("crasher", exit_process)), ex.run(call("bystander", add, 20, 22)),
+            return_exceptions=True)
+        assert isinstance(crash, WorkerCrashedError) and crash.state_name == "crasher"
+        assert "'crasher'" in str(crash) and "died" in str(crash)
+        assert fine == 42
+        assert time.monotonic() - t0 < 10
+        await n_workers(ex, 2)  # the nannies started new workers
+        assert await ex.run(call("after", add, 1, 1)) == 2
+    finally:
+        await ex.shutdown(cancel=True)
+
+
+async def test_cancel_running_state_ends_its_worker(tmp_path: pathlib.Path,
+                                                   pids_gone: Any) -> None:
+    ex = DaskExecutor(n_workers=2)
+    marker, release = tmp_path / "started", tmp_path / "release"
+    try:
+        task = asyncio.ensure_future(ex.run(call("spinner", spin_until, str(release),
+                                                  str(marker))))
+        await wait_for(marker.exists, 20)
+        victim = int(marker.read_text())
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert pids_gone([victim], 5)  # the CPU work stopped with its process
+        await wait_for(lambda: len(ex.worker_pids()) == 2 and victim not in ex.worker_pids())
+        await n_workers(ex, 2)
+        assert await ex.run(call("after", add, 2, 2)) == 4
+    finally:
+        release.touch()
+        await ex.shutdown(cancel=True)
+
+
+async def test_cancelled_pending_state_never_starts(tmp_path: pathlib.Path) -> None:
+    ex = DaskExecutor(n_workers=2)
+    release, never = tmp_path / "release", tmp_path / "never"
+    markers = [tmp_path / f"busy{i}" for i in range(2)]
+    try:
+        busy = [asyncio.ensure_future(ex.run(call(f"busy{i}", spin_until, str(release),
+                                                   str(markers[i])))) for i in range(2)]
+        await wait_for(lambda: all(m.exists() for m in markers), 20)
+        starts: list[str] = []
+        pending = asyncio.ensure_future(ex.run(PreparedCall(
+            "pending", "touch", touch, (str(never),), on_start=lambda: starts.append("x"))))
+        await asyncio.sleep(0.3)  # it waits in the parent: both threads are busy
+        assert ex._slots.used == 2 and starts == []
+        assert not any("pending" in str(k) for ks in (await ex.client.processing()).values()
+                       for k in ks)
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        release.touch()
+        assert len(set(await asyncio.gather(*busy))) == 2
+        # a call sent after the cancel runs; the cancelled one, had it been sent, before it
+        assert await ex.run(call("later", touch, str(tmp_path / "later"))) == str(
+            tmp_path / "later")
+        assert not never.exists() and starts == []
+    finally:
+        release.touch()
+        await ex.shutdown(cancel=True)
+
+
+async def test_future_cancelled_in_dask_is_asyncio_cancelled(tmp_path: pathlib.Path) -> None:
+    ex = DaskExecutor(n_workers=1)
+    release, marker = tmp_path / "release", tmp_path / "started"
+    try:
+        task = asyncio.ensure_future(ex.run(call("victim", spin_until, str(release),
+                                                  str(marker))))
+        await wait_for(marker.exists, 20)
+        [fut] = ex._in_flight
+        await ex.client.cancel([fut], reason="someone else")
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        release.touch()
+        await ex.shutdown(cancel=True)
+
+
+async def test_large_arguments_are_scattered_once_and_released() -> None:
+    # 24 MB: sent inside the task graph it would raise distributed's "large graph" UserWarning
+    data = np.arange(3_000_000, dtype=np.int64)
+    ex = DaskExecutor(n_workers=2, max_in_flight=4)
+    try:
+        await ex.start()
+        scattered: list[int] = []
+        real_scatter = ex.client.scatter
+
+        def counting_scatter(data: Any, **kwargs: Any) -> Any:
+            scattered.append(len(data))
+            return real_scatter(data, **kwargs)
+
+        ex.client.scatter = counting_scatter
+        results = await asyncio.gather(*(ex.run(call(f"sum{i}", checksum, data, scale=i))
+                                         for i in range(4)))
+        assert results == [int(data.sum()) * i for i in range(4)]
+        assert scattered == [1]  # four calls at once, one copy sent
+        assert len(ex._scatter) == 0
+        deadline = time.monotonic() + 5
+        while [k for k in await ex.client.scheduler.who_has() if "statepool-arg-" in str(k)]:
+            assert time.monotonic() < deadline, "the scattered copy was not released"
+            await asyncio.sleep(0.05)
+    finally:
+        await ex.shutdown(cancel=True)
+
+
+async def test_own_cluster_listens_on_loopback_only() -> None:
+    ex = DaskExecutor(n_workers=2)
+    try:
+        await ex.start()
+        procs = [psutil.Process(), *(psutil.Process(p) for p in ex.worker_pids())]
+        listening = [conn.laddr for proc in procs for conn in proc.net_connections("inet")
+                     if conn.status == psutil.CONN_LISTEN]
+        assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+        assert 8787 not in {addr.port for addr in listening}
+    finally:
+        await ex.shutdown(cancel=True)
+
+
+async def test_manager_end_to_end_with_lazy_args_retries_and_timeout(
+        tmp_path: pathlib.Path) -> None:
+    ex = DaskExecutor(n_workers=2)
+    release = tmp_path / "release"
+    parent = os.getpid()
+    try:
+        async with StateManager(executors={"dask": ex}) as m:
+            h_add = await m.put_state(State("add", add, True, executor="dask",
+                                            lazy_args=(lambda: os.getpid(), 1)))
+            h_coro = await m.put_state(State("coro", double_later, True, executor="dask",
+                                             args=(5,)))
+            h_slow = await m.put_state(State("slow", spin_until, True, executor="dask",
+                                             args=(str(release),), timeout=0.5))
+            h_crash = await m.put_state(State("crash", exit_process, True, executor="dask",
+                                              retries=1))
+            assert await h_add == parent + 1  # lazy args resolved in the parent
+            assert (await h_coro)[1] == 10
+            with pytest.raises(StateTimeoutError):
+                await h_slow
+            with pytest.raises(WorkerCrashedError, match="'crash'"):
+                await h_crash
+            assert h_crash.attempts == 2 and h_slow.status is StateStatus.FAILED
+    finally:
+        release.touch()
+    assert ex.client is None and ex.worker_pids() == []
+
+
+async def test_tls_through_security(tmp_path: pathlib.Path) -> None:
+    from distributed import Security
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
+                    "/CN=statepool-test", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=30)
+    files = {"tls_ca_file": str(cert), "tls_client_cert": str(cert),
+             "tls_client_key": str(key), "tls_scheduler_cert": str(cert),
+             "tls_scheduler_key": str(key), "tls_worker_cert": str(cert),
+             "tls_worker_key": str(key)}
+    ex = DaskExecutor(n_workers=1, security=Security(require_encryption=True, **files))
+    try:
+        assert await ex.run(call("over-tls", add, 4, 5)) == 9
+        assert ex.client.scheduler.address.startswith("tls://127.0.0.1:")
+    finally:
+        await ex.shutdown(cancel=True)
+
+
+# -- no cluster at all ------------------------------------------------------------------------
+
+
+def test_registry_builds_it_lazily_and_missing_extra_says_pip_install(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = registry.create("dask")
+    assert isinstance(ex, DaskExecutor) and ex.name == "dask" and ex.client is None
+    with pytest.raises(ValueError, match=r"address.*n_workers"):
+        DaskExecutor("tcp://127.0.0.1:1", n_workers=2)
+    monkeypatch.delitem(sys.modules, "executors.dask")
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'statepool\[dask\]'"):
+        registry.create("dask")
+
+
+# -- a cluster started apart: dask scheduler / dask worker -------------------------------------
+
+
+async def test_external_cluster_runs_states_and_is_left_running(
+        external_cluster: _ExternalCluster) -> None:
+    ex = DaskExecutor(external_cluster.address)
+    try:
+        await ex.start()
+        await n_workers(ex, 2, 30)
+        assert ex.worker_pids() == []  # not ours
+        async with StateManager(executors={"dask": ex}) as m:
+            handles = await m.put_states([State(f"s{i}", add, True, executor="dask",
+                                                args=(i, i)) for i in range(6)])
+            assert await asyncio.gather(*handles) == [2 * i for i in range(6)]
+    finally:
+        await ex.shutdown(cancel=True)
+    assert all(p.poll() is None for p in external_cluster.procs)
+    other = DaskExecutor(external_cluster.address)
+    try:
+        await other.start()
+        await n_workers(other, 2, 30)
+        assert await other.run(call("again", add, 1, 2)) == 3
+    finally:
+        await other.shutdown(cancel=True)
+
+
+async def test_external_cluster_cancel_spares_workers_unless_asked(
+        external_cluster: _ExternalCluster, tmp_path: pathlib.Path, pids_gone: Any) -> None:
+    for kill in (False, True):
+        marker, release = tmp_path / f"started-{kill}", tmp_path / f"release-{kill}"
+        ex = DaskExecutor(external_cluster.address, kill_on_cancel=kill or None)
+        try:
+            await ex.start()
+            await n_workers(ex, 2, 30)
+            task = asyncio.ensure_future(ex.run(call(f"spin-{kill}", spin_until, str(release),
+                                                      str(marker))))
+            await wait_for(marker.exists, 20)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            victim = int(marker.read_text())
+            if kill:
+                assert pids_gone([victim], 5)
+            else:  # Dask cannot stop a running task: it runs on, its result dropped
+                assert psutil.pid_exists(victim)
+        finally:
+            release.touch()
+            await ex.shutdown(cancel=True)
