@@ -20,7 +20,7 @@ from engine.errors import WorkerCrashedError
 from ._aio_child import HEADER, READY, ChildProcess
 from .base import PreparedCall
 
-__all__ = ["ChildHandle", "Job", "describe_exit"]
+__all__ = ["ChildHandle", "Job", "crash_error", "describe_exit"]
 
 logger = logging.getLogger("engine")
 
@@ -51,6 +51,21 @@ def describe_exit(code: int | None) -> str:
         return f"was killed by signal {signal.Signals(-code).name} ({-code})"
     except ValueError:
         return f"was killed by signal {-code}"
+
+
+def crash_error(job: Job, child: ChildHandle, code: int | None,
+                names: list[str]) -> WorkerCrashedError:
+    """The error of a call whose child died; ``names``: the states the child held."""
+    name = job.call.state_name
+    message = (f"state {name!r} ({job.call.func_name}) failed: its aioprocess child "
+               f"(pid {child.pid}) {describe_exit(code)}")
+    if child.killed_for is not None:
+        message += f" (killed {child.killed_for})"
+    others = [other for other in names if other != name]
+    if others:
+        message += (f"; it also ran {', '.join(map(repr, others))}, which failed with it: "
+                    "any of them may have caused it")
+    return WorkerCrashedError(message, state_name=name, exitcode=code)
 
 
 FrameHandler = Callable[["ChildHandle", int, int, bytes], None]
@@ -116,6 +131,11 @@ class ChildHandle:
                 exitcode=code,
             ) from exc
         return child
+
+    @property
+    def usable(self) -> bool:
+        """Alive and not being killed: it may take new calls."""
+        return self.alive and self.killed_for is None
 
     def serve(self, on_frame: FrameHandler, on_lost: LostHandler) -> None:
         """Read frames until end of file, then reap the process and call ``on_lost``."""

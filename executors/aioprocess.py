@@ -24,14 +24,14 @@ import enum
 import itertools
 import logging
 import os
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from engine.errors import WorkerCrashedError
 
 from ._aio_child import CANCEL, CANCELLED, DONE, RUN, frame
-from ._aio_worker import ChildHandle, Job, describe_exit
+from ._aio_line import SlotLine
+from ._aio_worker import ChildHandle, Job, crash_error, describe_exit
 from ._remote import OffLoop, dumps_call_small
 from .base import Executor, PreparedCall
 
@@ -92,14 +92,13 @@ class AioProcessExecutor(Executor):
         self._children: list[ChildHandle] = []
         self._spawning = 0
         self._spawn_error: BaseException | None = None
-        self._waiters: deque[asyncio.Future[ChildHandle | None]] = deque()
+        self._line = SlotLine(self._pick)
         self._ids = itertools.count(1)
         self._index = itertools.count()
         self._started: asyncio.Future[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._closed: asyncio.Future[None] | None = None  # set while a shutdown runs
         self._cancelling = False  # shutdown(cancel=True) runs: waiters must not dispatch
-        self._queued = 0  # run() calls waiting in line for a slot
         self._drained: list[asyncio.Future[None]] = []  # shutdown(cancel=False) waits on these
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pickler = OffLoop("statepool-aioprocess-pickle")
@@ -157,7 +156,7 @@ class AioProcessExecutor(Executor):
         try:
             if cancel:
                 self._cancel_everything()
-            while self._queued or any(child.in_flight for child in self._children):
+            while self._line.queued or any(child.in_flight for child in self._children):
                 drained = asyncio.get_running_loop().create_future()
                 self._drained.append(drained)
                 await drained
@@ -179,8 +178,7 @@ class AioProcessExecutor(Executor):
     def _cancel_everything(self) -> None:
         """Cancel the calls waiting in line and those in the children (which are killed)."""
         self._cancelling = True
-        for waiter in self._waiters:
-            waiter.cancel()
+        self._line.cancel_all()
         for child in self._children:
             for job in list(child.in_flight.values()):
                 self._drop(job)
@@ -244,55 +242,29 @@ class AioProcessExecutor(Executor):
         await self.start()
 
     async def _acquire(self, call: PreparedCall, *, fresh: bool) -> ChildHandle:
-        """The least loaded child with a free slot, waiting in line for one.
-
-        A freed slot is handed to the head of the line directly (``reserved`` counts it), so
-        that a wake-up is never lost nor wasted on a caller that finds the slot taken.
-        """
+        """The least loaded child with a free slot, waiting in line for one."""
         if self._cancelling:
             raise asyncio.CancelledError()
-        if not self._waiters:
+        if not self._line:
             self._check_usable(call, fresh=fresh)
             if (child := self._pick()) is not None:
                 return child
             self._top_up()
-        self._queued += 1
-        try:
-            return await self._wait_in_line(call)
-        finally:
-            self._queued -= 1
-            self._check_drained()
 
-    async def _wait_in_line(self, call: PreparedCall) -> ChildHandle:
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[ChildHandle | None] = loop.create_future()
-        self._waiters.append(waiter)
-        while True:
-            try:
-                child = await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():  # handed a slot: pass it on
-                    handed = waiter.result()
-                    if handed is not None:
-                        handed.reserved -= 1
-                elif waiter in self._waiters:
-                    self._waiters.remove(waiter)
-                self._wake()
-                raise
-            if child is not None:
-                child.reserved -= 1
-                if self._cancelling:
-                    raise asyncio.CancelledError()
-                if child.alive and child.killed_for is None:
-                    return child
-            self._check_usable(call, fresh=False)  # woken without a slot: is there hope?
-            if (child := self._pick()) is not None:
-                return child
-            waiter = loop.create_future()
-            self._waiters.appendleft(waiter)  # keep our place at the head of the line
+        def retry() -> ChildHandle | None:
+            self._check_usable(call, fresh=False)
+            return self._pick()
+
+        try:
+            child = await self._line.wait(retry)
+        finally:
+            self._check_drained()
+        if self._cancelling:
+            raise asyncio.CancelledError()
+        return child
 
     def _usable(self) -> list[ChildHandle]:
-        return [child for child in self._children if child.alive and child.killed_for is None]
+        return [child for child in self._children if child.usable]
 
     def _check_usable(self, call: PreparedCall, *, fresh: bool) -> None:
         """Raise if no child is left and none will come; a ``fresh`` call tries to start one."""
@@ -314,31 +286,23 @@ class AioProcessExecutor(Executor):
         best_load = self.childconcurrency
         for child in self._children:
             load = len(child.in_flight) + child.reserved
-            if load < best_load and child.alive and child.killed_for is None:
+            if load < best_load and child.usable:
                 best, best_load = child, load
         return best
 
     def _wake(self) -> None:
-        """Hand free slots to the head of the line; if no child will come, wake everyone."""
-        while self._waiters:
-            child = self._pick()
-            if child is None:
-                break
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                child.reserved += 1
-                waiter.set_result(child)
-        if self._waiters and not self._spawning and not self._usable():
-            while self._waiters:  # let them see why (or start a child)
-                waiter = self._waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-        elif self._waiters:
-            self._top_up()
+        """Hand free slots to the line; if no child will come, wake everyone to see why."""
+        self._line.hand_out()
+        if self._line:
+            if not self._spawning and not self._usable():
+                self._line.wake_all()
+            else:
+                self._top_up()
         self._check_drained()
 
     def _check_drained(self) -> None:
-        if self._drained and not self._queued and not any(c.in_flight for c in self._children):
+        if self._drained and not self._line.queued and \
+                not any(c.in_flight for c in self._children):
             for drained in self._drained:
                 if not drained.done():
                     drained.set_result(None)
@@ -408,24 +372,10 @@ class AioProcessExecutor(Executor):
                 job.reruns += 1
                 job.future.set_result((_RERUN, b""))
             else:
-                job.future.set_exception(self._crash_error(job, child, code, names))
+                job.future.set_exception(crash_error(job, child, code, names))
         if self._phase is _Phase.RUNNING:
             self._top_up()
         self._wake()
-
-    @staticmethod
-    def _crash_error(job: Job, child: ChildHandle, code: int | None,
-                     names: list[str]) -> WorkerCrashedError:
-        name = job.call.state_name
-        message = (f"state {name!r} ({job.call.func_name}) failed: its aioprocess child "
-                   f"(pid {child.pid}) {describe_exit(code)}")
-        if child.killed_for is not None:
-            message += f" (killed {child.killed_for})"
-        others = [other for other in names if other != name]
-        if others:
-            message += (f"; it also ran {', '.join(map(repr, others))}, which failed with it: "
-                        "any of them may have caused it")
-        return WorkerCrashedError(message, state_name=name, exitcode=code)
 
     # -- children ------------------------------------------------------------------------------
 

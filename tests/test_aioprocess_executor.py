@@ -327,7 +327,7 @@ async def test_many_calls_with_cancellations_in_line_all_answer() -> None:
                 assert task in tasks[5::7]
             else:
                 assert result == i + 1
-        assert ex._queued == 0 and not ex._waiters
+        assert ex._line.queued == 0 and not ex._line
         assert await wait_for(lambda: all(  # a call cancelled in its child answers soon after
             not child.in_flight and not child.reserved for child in ex._children))
     finally:
@@ -698,6 +698,9 @@ def test_options_are_checked() -> None:
 
 
 def test_registry_builds_it_by_name() -> None:
+    import executors
+
+    assert executors.AioProcessExecutor is AioProcessExecutor
     ex = registry.create("aioprocess")
     assert isinstance(ex, AioProcessExecutor) and ex.name == "aioprocess"
     assert ex.processes == len(os.sched_getaffinity(0))
