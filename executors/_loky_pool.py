@@ -41,7 +41,11 @@ class LokyPool:
         self.dead: dict[int, int] | None = None
         self.handled = False  # the executor has dealt with this pool's break
         self._watch_breakage()
-        self.warm: Future[Any] = self.executor.submit(noop)  # starts every worker
+        try:
+            self.warm: Future[Any] = self.executor.submit(noop)  # starts every worker
+        except BaseException:
+            self.executor.shutdown(wait=True, kill_workers=True)
+            raise
         # Workers recycle on purpose (see _loky_worker): loky need not warn of a memory leak.
         # Its warning would also break the pool where warnings are errors.
         self.executor._executor_manager_thread.recycling_warned = True

@@ -140,9 +140,11 @@ def _leave_after(result: Any) -> None:
     """
     from loky import process_executor as pe
 
-    frame = sys._getframe(1)
     code = getattr(pe, "_process_worker", None)
-    while frame is not None and frame.f_code is not getattr(code, "__code__", None):
+    if code is None or not hasattr(pe, "_sendback_result"):
+        return
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not code.__code__:
         frame = frame.f_back  # type: ignore[assignment]
     if frame is None:
         return

@@ -29,7 +29,7 @@ import functools
 import logging
 import os
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
 
 import psutil
@@ -325,7 +325,7 @@ class LokyExecutor(Executor):
             self._pool_broke(job.pool)
             return
         self._release(job)
-        if not isinstance(exc, (ShutdownExecutorError, asyncio.CancelledError)):
+        if not isinstance(exc, (ShutdownExecutorError, CancelledError)):  # both on purpose
             self._fail(job, exc)
         self._pump()
 

@@ -274,7 +274,7 @@ async def test_cancel_kills_the_worker_and_the_others_carry_on(tmp_path: Path,
 async def test_timeout_kills_the_worker(tmp_path: Path, pids_gone: Any) -> None:
     async with process_pool(1) as ex:
         path = str(tmp_path / "spin.pid")
-        with pytest.raises(TimeoutError):
+        with pytest.raises(asyncio.TimeoutError):  # TimeoutError from 3.11
             await asyncio.wait_for(
                 ex.run(prepared("spinner", _crashers.announce_then, path, "spin", 60)), 1.0)
         assert pids_gone([await pid_in(path)], 1.0)
