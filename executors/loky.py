@@ -194,11 +194,11 @@ class LokyExecutor(Executor):
         loop = self._loop
         assert loop is not None and self._helper is not None and self._table is not None
         self._phase = _Phase.CLOSING
-        if not cancel:
-            while self._pending or self._running:
-                await asyncio.wait([job.fut for job in (*self._pending, *self._running.values())])
-        for job in (*self._pending, *self._running.values()):
-            job.fut.cancel()
+        while not cancel and (waiting := self._unfinished()):
+            await asyncio.wait(waiting)
+        for fut in self._unfinished():
+            fut.cancel()
+        kill = cancel or bool(self._running)  # a cancelled call whose kill is still due
         self._pending.clear()
         self._phase = _Phase.CLOSED
         if self._memory_timer is not None:
@@ -207,11 +207,15 @@ class LokyExecutor(Executor):
             await asyncio.wait([self._pool_starting])  # _pool_started retires it: CLOSED
         pool, self._pool = self._pool, None
         if pool is not None:
-            self._retire(pool, kill=cancel)
+            self._retire(pool, kill=kill)
         await loop.run_in_executor(self._helper, _nothing)  # every retired pool is closed
         self._helper.shutdown(wait=True)
         self._running.clear()
         self._table.close()
+
+    def _unfinished(self) -> list[asyncio.Future[Any]]:
+        jobs = (*self._pending, *self._running.values())
+        return [job.fut for job in jobs if not job.fut.done()]
 
     # -- running a call ----------------------------------------------------------------------
 
@@ -407,13 +411,13 @@ class LokyExecutor(Executor):
             with contextlib.suppress(ValueError):
                 self._pending.remove(job)
             return
-        if self._phase is not _Phase.OPEN:
+        if self._phase is _Phase.CLOSED:
             return  # shutdown kills every worker
         job.doom = "cancel"
         self._kill_when_started(job, job.ticket)
 
     def _kill_when_started(self, job: _Job, ticket: int) -> None:
-        if not self._current(job, ticket) or self._phase is not _Phase.OPEN:
+        if not self._current(job, ticket) or self._phase is _Phase.CLOSED:
             return
         pid = self._table[job.slot]  # type: ignore[index]
         if pid > 0:
@@ -435,7 +439,7 @@ class LokyExecutor(Executor):
     def _poll_memory(self) -> None:
         self._memory_timer = None
         limit, table = self.max_memory, self._table
-        if limit is None or table is None or self._phase is not _Phase.OPEN:
+        if limit is None or table is None or self._phase is _Phase.CLOSED:
             return
         for slot, job in list(self._running.items()):
             pid = table[slot]

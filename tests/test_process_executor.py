@@ -364,6 +364,19 @@ async def test_shutdown_without_cancel_lets_running_calls_finish() -> None:
     await ex.shutdown(cancel=False)  # twice is fine
 
 
+async def test_shutdown_without_cancel_still_stops_a_cancelled_call(tmp_path: Path,
+                                                                   pids_gone: Any) -> None:
+    ex = LokyExecutor(1)
+    path = str(tmp_path / "spin.pid")
+    call = start(ex.run(prepared("spinner", _crashers.announce_then, path, "spin", 60)))
+    pid = await pid_in(path)
+    call.cancel()
+    began = time.monotonic()
+    await ex.shutdown(cancel=False)
+    assert time.monotonic() - began < 5.0
+    assert pids_gone([pid], 1.0)
+
+
 async def test_shutdown_with_cancel_kills_running_work(tmp_path: Path, pids_gone: Any) -> None:
     ex = LokyExecutor(1)
     path = str(tmp_path / "spin.pid")
