@@ -25,6 +25,7 @@ from .base import PreparedCall
 __all__ = ["Slots", "hard_exit", "serialization_error", "task_function", "translate_error"]
 
 _RESULT_NOT_SERIALIZABLE = "Could not serialize object of type "
+_SCHEDULER_LOST = "scheduler-connection-lost"
 _EXIT_MARK = "statepool: the state tried to end its Dask worker"
 
 
@@ -85,7 +86,12 @@ def translate_error(exc: BaseException, call: PreparedCall) -> BaseException:
         )
     elif isinstance(exc, concurrent.futures.CancelledError):  # distributed's FutureCancelledError
         reason = getattr(exc, "reason", "unknown")
-        err = asyncio.CancelledError(f"{where}: its Dask future was cancelled ({reason})")
+        if reason == _SCHEDULER_LOST:  # not a cancellation: the cluster went away under it
+            err = WorkerCrashedError(
+                f"{where}: the client lost its connection to the Dask scheduler while the "
+                "state ran", state_name=call.state_name)
+        else:
+            err = asyncio.CancelledError(f"{where}: its Dask future was cancelled ({reason})")
     elif isinstance(exc, RuntimeError) and exc.args[:1] == (_EXIT_MARK,):
         _, kind, code = exc.args
         exitcode = code if isinstance(code, int) else (None if code is None else 1)

@@ -109,7 +109,7 @@ class DaskExecutor(Executor):
         self._client: Any = None
         self._cluster: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._start_lock = asyncio.Lock()
+        self._starting: asyncio.Task[None] | None = None
         self._slots = Slots(self._capacity)
         self._in_flight: set[Any] = set()
         self._closed = False
@@ -133,14 +133,23 @@ class DaskExecutor(Executor):
             raise RuntimeError("the dask executor belongs to the event loop that started it")
         if self._client is not None:
             return self._client
-        async with self._start_lock:
-            if self._client is None:
-                await self._connect(loop)
+        if self._starting is None:
+            self._loop = loop
+            self._starting = loop.create_task(self._connect())
+        starting = self._starting
+        try:
+            # shielded: a state cancelled while the cluster starts does not abort the start
+            # half way (that would leave worker processes behind); shutdown() waits for it
+            await asyncio.shield(starting)
+        except Exception:
+            if self._starting is starting:
+                self._starting = None  # the next call tries again
+            raise
         if self._client is None:  # shut down while starting
             raise RuntimeError("the dask executor is shut down")
         return self._client
 
-    async def _connect(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _connect(self) -> None:
         cluster = None
         try:
             if self.address is None:
@@ -149,7 +158,7 @@ class DaskExecutor(Executor):
             else:
                 target = self.address
             client = await _dd.Client(target, asynchronous=True, security=self.security,
-                                  **self.client_kwargs)
+                                      **self.client_kwargs)
         except BaseException:
             if cluster is not None:
                 await cluster.close()
@@ -159,7 +168,7 @@ class DaskExecutor(Executor):
             if cluster is not None:
                 await cluster.close()
             return
-        self._loop, self._cluster, self._client = loop, cluster, client
+        self._cluster, self._client = cluster, client
         logger.debug("dask executor connected to %s", client.scheduler.address)
 
     def _local_cluster_options(self) -> dict[str, Any]:
@@ -190,6 +199,10 @@ class DaskExecutor(Executor):
         started end with it); ``cancel=False`` waits for them first.
         """
         self._closed = True
+        starting = self._starting
+        if starting is not None and not starting.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(starting)  # it closes what it started, seeing _closed
         client, cluster = self._client, self._cluster
         self._client = self._cluster = None
         futures = list(self._in_flight)
@@ -284,10 +297,14 @@ class DaskExecutor(Executor):
     async def _stop(self, client: Any, fut: Any, call: PreparedCall) -> None:
         """Cancel ``fut``; if it runs and ``kill_on_cancel``, end the worker running it."""
         workers: list[str] = []
-        try:
-            if self.kill_on_cancel and not fut.done():
+        if self.kill_on_cancel and not fut.done():
+            try:  # the workers where the task executes now (not merely assigned)
                 stacks = await client.call_stack(keys=[fut.key])
                 workers = [addr for addr, keys in stacks.items() if fut.key in keys]
+            except Exception:
+                logger.debug("state %r: no call stack from Dask", call.state_name,
+                             exc_info=True)
+        try:
             await client.cancel([fut], reason=f"state {call.state_name!r} cancelled")
             if workers:
                 logger.warning("state %r (%s) cancelled while running: ending its Dask worker %s",

@@ -29,6 +29,7 @@ from conftest import LEAK_GRACE_S, _wait_until, live_children
 from engine import State, StateManager, StateStatus
 from engine.errors import SerializationError, StateTimeoutError, WorkerCrashedError
 from executors import registry
+from executors._dask_support import translate_error
 from executors._remote import RemoteTraceback
 from executors.base import PreparedCall
 from executors.dask import DaskExecutor
@@ -182,7 +183,7 @@ def call(name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> PreparedCa
 # -- a LocalCluster of its own -----------------------------------------------------------------
 
 
-async def test_results_coroutines_and_own_cluster_lifecycle(pids_gone: Any) -> None:
+async def test_results_coroutines_loopback_and_own_cluster_lifecycle(pids_gone: Any) -> None:
     ex = DaskExecutor(n_workers=2)
     assert ex.worker_pids() == []
     await ex.start()
@@ -196,6 +197,12 @@ async def test_results_coroutines_and_own_cluster_lifecycle(pids_gone: Any) -> N
         assert value == 42 and pid in pids
         assert ex.client.scheduler.address.startswith("tcp://127.0.0.1:")
         assert "connected" in repr(ex)
+        # every listening socket (scheduler, nannies, workers, HTTP routes) is on loopback
+        procs = [psutil.Process(), *(psutil.Process(p) for p in pids)]
+        listening = [conn.laddr for proc in procs for conn in proc.net_connections("inet")
+                     if conn.status == psutil.CONN_LISTEN]
+        assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
+        assert 8787 not in {addr.port for addr in listening}  # no dashboard
     finally:
         await ex.shutdown(cancel=True)
     assert pids_gone(pids, 10)
@@ -338,22 +345,9 @@ async def test_large_arguments_are_scattered_once_and_released() -> None:
         await ex.shutdown(cancel=True)
 
 
-async def test_own_cluster_listens_on_loopback_only() -> None:
-    ex = DaskExecutor(n_workers=2)
-    try:
-        await ex.start()
-        procs = [psutil.Process(), *(psutil.Process(p) for p in ex.worker_pids())]
-        listening = [conn.laddr for proc in procs for conn in proc.net_connections("inet")
-                     if conn.status == psutil.CONN_LISTEN]
-        assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
-        assert 8787 not in {addr.port for addr in listening}
-    finally:
-        await ex.shutdown(cancel=True)
-
-
 async def test_manager_end_to_end_with_lazy_args_retries_and_timeout(
         tmp_path: pathlib.Path) -> None:
-    ex = DaskExecutor(n_workers=2)
+    ex = DaskExecutor(n_workers=2, allowed_failures=0)  # a crash fails at once; retries are ours
     release = tmp_path / "release"
     parent = os.getpid()
     try:
@@ -398,7 +392,44 @@ async def test_tls_through_security(tmp_path: pathlib.Path) -> None:
         await ex.shutdown(cancel=True)
 
 
+async def test_state_cancelled_while_the_cluster_starts_leaves_it_whole(
+        pids_gone: Any) -> None:
+    ex = DaskExecutor(n_workers=1)
+    first = asyncio.ensure_future(ex.run(call("first", add, 1, 1)))
+    await asyncio.sleep(0.05)  # the LocalCluster is starting
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    try:
+        assert await ex.run(call("second", add, 2, 2)) == 4  # the same cluster, started once
+        pids = ex.worker_pids()
+        assert len(pids) == 1
+    finally:
+        await ex.shutdown(cancel=True)
+    assert pids_gone(pids, 10)
+
+
+async def test_shutdown_while_the_cluster_starts_closes_it() -> None:
+    ex = DaskExecutor(n_workers=1)
+    first = asyncio.ensure_future(ex.run(call("first", add, 1, 1)))
+    await asyncio.sleep(0.05)
+    await ex.shutdown(cancel=True)  # waits for the start, then closes what it started
+    with pytest.raises(RuntimeError, match="shut down"):
+        await first
+    assert ex.worker_pids() == []  # and no_leaks checks that no process is left
+
+
 # -- no cluster at all ------------------------------------------------------------------------
+
+
+def test_lost_scheduler_is_a_crash_and_other_cancels_are_cancellations() -> None:
+    from distributed.client import FutureCancelledError
+
+    c = call("orphan", add, 1, 2)
+    lost = translate_error(FutureCancelledError("k", reason="scheduler-connection-lost"), c)
+    assert isinstance(lost, WorkerCrashedError) and lost.state_name == "orphan"
+    other = translate_error(FutureCancelledError("k", reason="scheduler-restart"), c)
+    assert isinstance(other, asyncio.CancelledError) and "scheduler-restart" in str(other)
 
 
 def test_registry_builds_it_lazily_and_missing_extra_says_pip_install(
