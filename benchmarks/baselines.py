@@ -203,7 +203,8 @@ class AioMPMap(AioMPApply):
 
 
 class DaskClient(Backend):
-    """``Client.submit`` on a ``LocalCluster`` of one-threaded worker processes."""
+    """``Client.submit`` on a ``LocalCluster`` of one-threaded worker processes, on loopback
+    (the options statepool's own ``DaskExecutor`` gives its cluster)."""
 
     label = "dask Client.submit"
 
@@ -214,8 +215,10 @@ class DaskClient(Backend):
             raise NotAvailable(f"distributed not installed: {exc}") from exc
         quiet_dask()
         self._cluster = await LocalCluster(
-            n_workers=self.workers, threads_per_worker=1, processes=True,
-            dashboard_address=None, asynchronous=True,
+            n_workers=self.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+            dashboard_address=None, asynchronous=True, silence_logs=logging.ERROR,
+            # the scheduler serves its HTTP routes on 8787 even without a dashboard
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
         )
         self._client = await Client(self._cluster, asynchronous=True)
 

@@ -1,8 +1,8 @@
 """Cold start, memory and logging: what statepool costs beyond the calls themselves.
 
 * coldstart: from nothing to the first result of a process call (a fresh pool each repetition;
-  the warm-up repetition pays the module imports), the RSS of the idle pool's processes once it
-  has answered, and the time its shutdown takes;
+  the warm-up repetition pays the module imports), the memory of the idle pool's processes once
+  it has answered (RSS, and USS: the pages only they hold), and the time its shutdown takes;
 * memory: RSS per queued state with 100,000 states queued, each repetition in a fresh
   interpreter (``benchmarks.memprobe``), against pending asyncio tasks and queue items;
 * logging: inline dispatch with the ``engine`` logger at INFO (DEBUG off) and at DEBUG into
@@ -34,7 +34,7 @@ _COLD_EXECUTORS = ("process", "aioprocess", "dask")
 
 def coldstart_cases(cfg: Config) -> list[Case]:
     metrics = [("first result", "ms", False), ("idle pool RSS", "MB", False),
-               ("shutdown", "ms", False)]
+               ("idle pool USS", "MB", False), ("shutdown", "ms", False)]
     cases = []
     for label, factory, kind, base in rows(_COLD_BASELINES, _COLD_EXECUTORS):
         figs = templates("coldstart", label, kind, base, metrics)
@@ -62,20 +62,24 @@ async def _pool_processes(before: set[int]) -> list[psutil.Process]:
     return [p for p in descendants() if p.pid in seen]
 
 
-def _rss(procs: list[psutil.Process]) -> int:
-    total = 0
+def _memory(procs: list[psutil.Process]) -> tuple[int, int]:
+    """RSS and USS summed over ``procs``. RSS counts pages shared with other processes (a
+    forked worker's copy-on-write pages of its parent); USS counts only each one's own."""
+    rss = uss = 0
     for proc in procs:
         try:
-            total += proc.memory_info().rss
+            info = proc.memory_full_info()
         except psutil.Error:
             continue
-    return total
+        rss += info.rss
+        uss += getattr(info, "uss", 0)
+    return rss, uss
 
 
 def _coldstart(cfg: Config, factory: Callable[[int], Backend]) -> Runner:
     counts: list[int] = []
 
-    async def once() -> tuple[float, float, float]:
+    async def once() -> tuple[float, float, float, float]:
         before = {p.pid for p in descendants()}
         t0 = now()
         backend = factory(cfg.workers)
@@ -84,12 +88,12 @@ def _coldstart(cfg: Config, factory: Callable[[int], Backend]) -> Runner:
             await backend.call("noop")
             first = now() - t0
             procs = await _pool_processes(before)
-            rss = _rss(procs)
+            rss, uss = _memory(procs)
             counts.append(len(procs))
         finally:
             t1 = now()
             await backend.__aexit__(None, None, None)
-        return first * 1e3, rss / 2**20, (now() - t1) * 1e3
+        return first * 1e3, rss / 2**20, uss / 2**20, (now() - t1) * 1e3
 
     async def run(figs: list[Figure]) -> None:
         reps = await repeat(cfg, once)
@@ -112,11 +116,11 @@ def memory_cases(cfg: Config) -> list[Case]:
     cases = []
     for label, kind_arg, kind, base in _MEM_SUBJECTS:
         figs = templates("memory", label, kind, base, [("RSS per queued call", "B", False)])
-        cases.append(Case("memory", label, figs, _memory(cfg, kind_arg, n)))
+        cases.append(Case("memory", label, figs, _queued_memory(cfg, kind_arg, n)))
     return cases
 
 
-def _memory(cfg: Config, kind: str, n: int) -> Runner:
+def _queued_memory(cfg: Config, kind: str, n: int) -> Runner:
     async def once() -> float:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "benchmarks.memprobe", kind, str(n),
