@@ -11,7 +11,7 @@ import importlib
 import logging
 import threading
 from collections.abc import Callable
-from importlib.metadata import entry_points
+from typing import Any
 
 from .base import Executor
 
@@ -45,6 +45,13 @@ def register(name: str, factory: ExecutorFactory) -> None:
         _registered[name] = factory
 
 
+def entry_points(group: str) -> list[Any]:
+    """The installed entry points of ``group`` (imported here: importlib.metadata is slow)."""
+    from importlib.metadata import entry_points as _entry_points
+
+    return list(_entry_points(group=group))
+
+
 def _load_entry_points() -> None:
     global _entry_points_loaded
     if _entry_points_loaded:
@@ -53,7 +60,7 @@ def _load_entry_points() -> None:
         if _entry_points_loaded:
             return
         _entry_points_loaded = True
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
+        for ep in entry_points(group=ENTRY_POINT_GROUP):  # imports importlib.metadata lazily
             if ep.name not in _registered and ep.name not in _BUILTINS:
                 _registered[ep.name] = _LazyEntryPoint(ep.name, ep.value)
 
