@@ -4,14 +4,14 @@ With no ``address`` the executor starts its own ``LocalCluster`` of worker proce
 with no dashboard, and closes it at shutdown; with an ``address`` it connects to that scheduler
 (TLS through ``security``) and, at shutdown, closes only its client.
 
-What Dask can and cannot stop. A cancelled state whose task has not started yet never starts (its
-future is cancelled; for a cluster it started, the executor also holds back tasks beyond the
-cluster's threads, so a pending state never leaves the parent). A task that already runs cannot
-be interrupted: Dask only drops its result. With ``kill_on_cancel`` (the default for a cluster
-the executor started) the worker process running it is ended and its nanny starts a fresh one,
-so the CPU work stops too. Execution is at least once: when a worker dies, Dask runs the tasks
-it held again elsewhere, up to ``allowed_failures`` times, then fails them with ``KilledWorker``
-(a ``WorkerCrashedError`` here).
+What Dask can and cannot stop. A call waits in the parent until the cluster has a free thread
+for it (``max_in_flight``), so a state cancelled before it is sent never reaches Dask, and its
+timeout starts when it is sent. A task that already runs cannot be interrupted: Dask only drops
+its result. With ``kill_on_cancel`` (the default for a cluster the executor started) the worker
+process running it is ended and its nanny starts a fresh one, so the CPU work stops too.
+Execution is at least once: when a worker dies, Dask runs the tasks it held again elsewhere, up
+to ``allowed_failures`` times, then fails them with ``KilledWorker`` (a ``WorkerCrashedError``
+here).
 """
 
 from __future__ import annotations

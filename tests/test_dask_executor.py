@@ -90,18 +90,21 @@ def checksum(a: np.ndarray, scale: int = 1) -> int:
 
 
 class _ExternalCluster:
+    """CLI processes, each leading its own process group: their workers stay in the group."""
+
     def __init__(self, address: str, procs: list[subprocess.Popen[bytes]]) -> None:
         self.address = address
         self.procs = procs
 
     def pids(self) -> set[int]:
-        """The CLI processes and every descendant (worker processes come and go)."""
+        """Every live process of the groups (worker processes come and go)."""
+        groups = {popen.pid for popen in self.procs}
         out: set[int] = set()
-        for popen in self.procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc = psutil.Process(popen.pid)
-                out.add(proc.pid)
-                out.update(child.pid for child in proc.children(recursive=True))
+        for proc in psutil.process_iter():
+            with contextlib.suppress(OSError, psutil.Error):
+                if os.getpgid(proc.pid) in groups and _alive(proc.pid) and any(
+                        "dask" in part or "multiprocessing" in part for part in proc.cmdline()):
+                    out.add(proc.pid)
         return out
 
 
@@ -121,13 +124,34 @@ def no_leaks() -> Iterator[None]:
                 and not t.name.startswith(SHARED_THREADS)]
 
     def new_children() -> set[int]:
+        found = live_children() - children_before
+        # walked after: a worker the CLI cluster's nanny starts meanwhile is counted as its own
         shared = set().union(*(c.pids() for c in _external))
-        return live_children() - children_before - shared
+        return {pid for pid in found - shared if _alive(pid)}
 
     _wait_until(lambda: not new_threads() and not new_children(), LEAK_GRACE_S)
     threads, children = new_threads(), new_children()
     assert not threads, f"test left threads running: {[t.name for t in threads]}"
-    assert not children, f"test left child processes: {sorted(children)}"
+    assert not children, f"test left child processes: {_describe(children)}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _describe(pids: set[int]) -> list[str]:
+    out = []
+    for pid in sorted(pids):
+        try:
+            proc = psutil.Process(pid)
+            out.append(f"{pid} (parent {proc.ppid()}, {proc.status()}): "
+                       f"{' '.join(proc.cmdline())[:200]}")
+        except psutil.Error:
+            out.append(f"{pid} (gone)")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +160,8 @@ def external_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Exte
     tmp = tmp_path_factory.mktemp("dask-cli")
     sched_file = tmp / "scheduler.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
-    common = {"cwd": tmp, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    common: dict[str, Any] = {"cwd": tmp, "env": env, "stdout": subprocess.DEVNULL,
+                              "stderr": subprocess.DEVNULL, "start_new_session": True}
     procs = [subprocess.Popen([str(DASK_CLI), "scheduler", "--host", "127.0.0.1", "--port", "0",
                                "--no-dashboard", "--scheduler-file", str(sched_file)], **common)]
     cluster = _ExternalCluster("", procs)
@@ -150,18 +175,20 @@ def external_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Exte
              "--host", "127.0.0.1", "--no-dashboard"], **common))
         yield cluster
     finally:
-        pids = cluster.pids()
-        for popen in reversed(procs):
+        for popen in reversed(procs):  # a graceful stop: the nannies close their workers
             popen.terminate()
             try:
                 popen.wait(15)
             except subprocess.TimeoutExpired:
                 popen.kill()
                 popen.wait(5)
+        gone = _wait_until(lambda: not cluster.pids(), 10)
+        left = cluster.pids()
+        for pid in left:  # do not leave them to the next module
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
         _external.remove(cluster)
-        gone = _wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status()
-                                           != psutil.STATUS_ZOMBIE for p in pids), 10)
-        assert gone, f"the CLI cluster left processes: {sorted(pids)}"
+        assert gone, f"the CLI cluster left processes: {_describe(left)}"
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -454,6 +481,7 @@ async def test_external_cluster_runs_states_and_is_left_running(
         await ex.start()
         await n_workers(ex, 2, 30)
         assert ex.worker_pids() == []  # not ours
+        assert len(external_cluster.pids()) >= 4  # scheduler, worker CLI, its two workers
         async with StateManager(executors={"dask": ex}) as m:
             handles = await m.put_states([State(f"s{i}", add, True, executor="dask",
                                                 args=(i, i)) for i in range(6)])
