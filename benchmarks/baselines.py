@@ -214,13 +214,14 @@ class DaskClient(Backend):
         except ImportError as exc:
             raise NotAvailable(f"distributed not installed: {exc}") from exc
         quiet_dask()
-        self._cluster = await LocalCluster(
+        self._cluster = await LocalCluster(  # type: ignore[no-untyped-call]
             n_workers=self.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
             dashboard_address=None, asynchronous=True, silence_logs=logging.ERROR,
             # the scheduler serves its HTTP routes on 8787 even without a dashboard
             scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
         )
-        self._client = await Client(self._cluster, asynchronous=True)
+        self._client = await Client(  # type: ignore[no-untyped-call]
+            self._cluster, asynchronous=True)
 
     async def gather(self, name: str, args: list[Args], *, lazy: bool = False) -> list[Any]:
         fn, client = self.fn(name), self._client
@@ -231,7 +232,7 @@ class DaskClient(Backend):
 
     async def close(self) -> None:
         await self._client.close()
-        await self._cluster.close()
+        await self._cluster.close()  # type: ignore[misc]
 
 
 def quiet_dask() -> None:

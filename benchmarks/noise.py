@@ -44,8 +44,8 @@ def our_cpu_seconds() -> float:
 
 def _busy_seconds() -> float:
     c = psutil.cpu_times()
-    return c.user + c.system + getattr(c, "nice", 0.0) + getattr(c, "irq", 0.0) \
-        + getattr(c, "softirq", 0.0) + getattr(c, "steal", 0.0)
+    return float(c.user + c.system + getattr(c, "nice", 0.0) + getattr(c, "irq", 0.0) \
+        + getattr(c, "softirq", 0.0) + getattr(c, "steal", 0.0))
 
 
 @dataclass(frozen=True)

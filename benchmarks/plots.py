@@ -42,7 +42,8 @@ def _mark_statepool(ax: Any, kinds: list[str]) -> None:
 
 
 def _figure(plt: Any, rows: int) -> tuple[Any, Any]:
-    return plt.subplots(figsize=(9, 1.2 + 0.38 * rows))
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.38 * rows))
+    return fig, ax
 
 
 def _save(fig: Any, plt: Any, out_dir: str, name: str, written: list[str]) -> None:

@@ -75,9 +75,9 @@ def _suite_table(suite: str, figs: list[Figure], noise: dict[str, Any] | None) -
             continue
         spread = f"{100 * fig.spread:.0f}%" if fig.spread is not None else "-"
         base = fig.baseline.split("/", 2)[2] if fig.baseline else ""
-        noise = f"{fig.noise_pct:.0f}%" if fig.noise_pct is not None else "-"
+        row_noise = f"{fig.noise_pct:.0f}%" if fig.noise_pct is not None else "-"
         table.add_row(subject, figure, f"{fmt(fig.median)} {fig.unit}", spread,
-                      _ratio_text(fig), noise, base)
+                      _ratio_text(fig), row_noise, base)
     return table
 
 
