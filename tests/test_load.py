@@ -98,3 +98,28 @@ async def test_producers_held_by_back_pressure_are_released_by_stop() -> None:
     with pytest.raises(ManagerStoppedError):
         await asyncio.wait_for(blocked, 5)
     await asyncio.wait_for(main, 5)
+
+
+def triple(i: int) -> int:
+    return 3 * i
+
+
+@pytest.mark.timeout(240)
+async def test_20k_process_states_memory_stays_flat() -> None:
+    from executors import LokyExecutor
+
+    async with StateManager(executors={"process": LokyExecutor(max_workers=2)},
+                            max_queue=2_000) as m:
+        warm = await m.put_states([State("warm", triple, True, executor="process", args=(1,))
+                                   for _ in range(500)])
+        assert [await h for h in warm] == [3] * 500
+        before = rss()
+        total = 0
+        for start in range(0, 20_000, 1_000):
+            handles = await m.put_states(
+                [State("p", triple, True, executor="process", args=(i,))
+                 for i in range(start, start + 1_000)])
+            total += sum([await h for h in handles])
+        grown = rss() - before
+    assert total == 3 * sum(range(20_000))
+    assert grown < 12 * 2**20, f"RSS grew {grown / 2**20:.1f} MB"
