@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import logging
 import sys
 import threading
 from collections import Counter, deque
@@ -302,6 +303,7 @@ class StateManager:
             ex_name = handle._executor_name = executor.name
             self._by_executor[ex_name] += 1
             inline = type(executor) is InlineExecutor  # the fast path: no PreparedCall
+            debug = logger.isEnabledFor(logging.DEBUG)
             while True:
                 handle.attempts += 1
                 attempt = handle.attempts
@@ -311,9 +313,13 @@ class StateManager:
                         args, kwargs = await state._resolve_lazy()
                     else:
                         args, kwargs = state.args, state.kwargs
-                    log_enter(handle, ex_name, loop)
+                    if debug:
+                        log_enter(handle, ex_name, loop)
                     if inline:
-                        self._on_start(handle, attempt)
+                        if state.timeout is None:
+                            handle.started_at = loop.time()
+                        else:
+                            self._on_start(handle, attempt)
                         result = state.func(*args, **kwargs)
                         if state.is_coro:
                             result = await result
@@ -334,7 +340,7 @@ class StateManager:
                 except Exception as error:
                     failure = error
                 else:
-                    if handle._finish(_SUCCEEDED, result):
+                    if handle._finish(_SUCCEEDED, result) and debug:
                         log_exit(handle, ex_name, loop)
                     return
                 if handle.done():
