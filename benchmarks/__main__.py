@@ -22,6 +22,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repetitions", type=int, metavar="N",
                         help="recorded repetitions per figure, after one warm-up "
                              "(default 5; 3 with --quick)")
+    parser.add_argument("--wait-quiet", type=float, metavar="PCT",
+                        help="before each row, wait (60 s at most) until other processes use "
+                             "under PCT %% of the CPU: for shared machines")
     parser.add_argument("--json", metavar="PATH", help="write every figure with its repetitions")
     parser.add_argument("--plot", metavar="DIR", help="write PNG charts into DIR")
     args = parser.parse_args(argv)
@@ -39,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     suites = tuple(s for s in SUITES if s in args.suite) if args.suite else SUITES
     repetitions = args.repetitions or (3 if args.quick else 5)
     cfg = Config(quick=args.quick, workers=args.workers, repetitions=repetitions,
-                 suites=suites, figure_timeout_s=30.0 if args.quick else 180.0)
+                 suites=suites, figure_timeout_s=30.0 if args.quick else 180.0,
+                 quiet_below_pct=args.wait_quiet)
     return run(cfg, args.json, args.plot)
 
 

@@ -58,6 +58,8 @@ class Config:
     warmup: int = 1
     suites: tuple[str, ...] = SUITES
     figure_timeout_s: float = 120.0
+    quiet_below_pct: float | None = None  # before each row, wait for other processes to calm
+    quiet_wait_s: float = 60.0
 
     def size(self, full: int, quick: int) -> int:
         return quick if self.quick else full

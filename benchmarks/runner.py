@@ -66,6 +66,20 @@ def run_case(case: Case, cfg: Config) -> None:
         _mark(case.figures, error=f"too few repetitions for {', '.join(short)}")
 
 
+def wait_for_quiet(cfg: Config) -> float | None:
+    """Wait (``cfg.quiet_wait_s`` at most) until other processes use under
+    ``cfg.quiet_below_pct`` of the CPU over a 0.5 s window; answer the last window's figure."""
+    if cfg.quiet_below_pct is None:
+        return None
+    deadline = time.monotonic() + cfg.quiet_wait_s
+    while True:
+        meter = NoiseMeter()
+        time.sleep(0.5)
+        others = meter.stop().others_pct
+        if others < cfg.quiet_below_pct or time.monotonic() > deadline:
+            return others
+
+
 def _mark(figs: list[Figure], *, skipped: str | None = None, error: str | None = None,
           tb: str | None = None) -> None:
     for fig in figs:
@@ -128,6 +142,7 @@ def run(cfg: Config, json_path: str | None, plot_dir: str | None) -> int:
             section = NoiseMeter()
             for case in cases:
                 progress.update(bar, description=f"{suite}: {case.subject}")
+                wait_for_quiet(cfg)
                 meter = NoiseMeter()
                 run_case(case, cfg)
                 noise = meter.stop()
