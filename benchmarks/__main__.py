@@ -23,7 +23,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="recorded repetitions per figure, after one warm-up "
                              "(default 5; 3 with --quick)")
     parser.add_argument("--wait-quiet", type=float, metavar="PCT",
-                        help="before each row, wait (60 s at most) until other processes use "
+                        help="before each row, wait (20 s at most) until other processes use "
                              "under PCT %% of the CPU: for shared machines")
     parser.add_argument("--json", metavar="PATH", help="write every figure with its repetitions")
     parser.add_argument("--plot", metavar="DIR", help="write PNG charts into DIR")

@@ -59,7 +59,7 @@ class Config:
     suites: tuple[str, ...] = SUITES
     figure_timeout_s: float = 120.0
     quiet_below_pct: float | None = None  # before each row, wait for other processes to calm
-    quiet_wait_s: float = 60.0
+    quiet_wait_s: float = 20.0
 
     def size(self, full: int, quick: int) -> int:
         return quick if self.quick else full
