@@ -1,14 +1,22 @@
-"""What runs inside a loky worker of the ``"process"`` executor, and the slot table it shares.
+"""What runs inside a worker process of the ``"process"`` executor, and what it shares with the
+parent: the frames on its socket and the slot table.
 
-The parent gives every call it hands to loky a *slot*: an int64 in a small table that parent and
-workers map from a temporary file (``mmap``, so nothing lands in ``/dev/shm``). A worker writes
-its PID into the slot when it starts the call and ``-PID`` when it is done, so the parent always
-knows which process runs which call: the one to kill on cancel or timeout, and the one whose
-death broke the pool (loky fails every in-flight future on a crash and does not say which).
+Each worker is a fresh interpreter started by loky's process backend (fork + exec) with one end
+of a socketpair. The parent sends ``BATCH`` frames: one or more pickled calls, each with a
+*sequence number*. The worker runs them in order and answers each with its own ``DONE`` frame
+(the pickled outcome and how long the call took, sending included), sent as soon as the call
+ends, so a result that reached the parent is never lost when the worker dies later.
 
-Recycling (``max_tasks_per_worker``, ``max_memory``) is decided here, after a call: the worker
-sends its result itself and leaves the way loky's own memory-leak recycling does (it reports
-its PID, waits for the parent to release it, exits with 0), so the pool never sees a crash.
+The slot table is an mmap'd temporary file (nothing lands in ``/dev/shm``) with two int64 cells
+per sequence number modulo the worker's ring of slots: its *state*, written by the worker
+(``RUNNING`` just before the call, ``FINISHED`` once its ``DONE`` frame is sent, ``SKIPPED``)
+and its *cancel* flag, written by the parent. A call whose flag is set before it starts is
+skipped (``SKIP``); the parent kills the worker of a cancelled call that is ``RUNNING``. When a
+worker dies, the states tell the parent which call it was running (the one to blame) and which
+calls of its batches never started (to run elsewhere).
+
+Recycling (``max_tasks_per_worker``, ``max_memory``) is decided here, between two calls: the
+worker sends ``BYE`` and exits with 0; the calls it had not started go back in line.
 """
 
 from __future__ import annotations
@@ -16,21 +24,47 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import sys
-import tempfile
+import pickle
+import signal
+import socket
+import struct
+import time
 import weakref
 from typing import Any
 
-from ._remote import run_pickled
+from ._remote import dumps_error, run_call
 
-__all__ = ["SlotTable", "init_worker", "noop", "run_call"]
+__all__ = [
+    "BAD",
+    "BATCH",
+    "BYE",
+    "DONE",
+    "FINISHED",
+    "FRAME",
+    "IDLE",
+    "READY",
+    "RUNNING",
+    "SKIP",
+    "SKIPPED",
+    "STOP",
+    "SlotTable",
+    "load_batch",
+    "worker_main",
+]
 
-_ITEM = 8  # bytes per slot: one int64
+#: kind, sequence number, count, meta length, body length, seconds
+FRAME = struct.Struct("<BIIIQd")
+BATCH, STOP = 1, 2  # parent -> worker
+READY, DONE, SKIP, BAD, BYE = 10, 11, 12, 13, 14  # worker -> parent
+IDLE, RUNNING, FINISHED, SKIPPED = 0, 1, 2, 3  # slot states
+
+_ITEM = 8  # bytes per cell: one int64
+_INLINE_SEND = 64 * 1024  # an outcome up to this size leaves with its header in one write
+_MEMORY_CHECK_S = 0.05  # RSS is read at most this often while calls are short
 
 
 class SlotTable:
-    """``nslots`` int64 values shared through an mmap'd file: 0 = not started, PID = running
-    in that process, -PID = finished there."""
+    """``nslots`` states and ``nslots`` cancel flags (int64) shared through an mmap'd file."""
 
     def __init__(self, path: str, nslots: int, *, owner: bool) -> None:
         self.path = path
@@ -38,40 +72,40 @@ class SlotTable:
         fd = os.open(path, os.O_RDWR)
         try:
             if owner:
-                os.ftruncate(fd, nslots * _ITEM)
-            self._mmap = mmap.mmap(fd, nslots * _ITEM)
+                os.ftruncate(fd, 2 * nslots * _ITEM)
+            self._mmap = mmap.mmap(fd, 2 * nslots * _ITEM)
         finally:
             os.close(fd)
-        self._view: memoryview | None = memoryview(self._mmap).cast("q")
+        view = memoryview(self._mmap).cast("q")
+        self._view: memoryview | None = view
+        self.states = view[:nslots]
+        self.cancels = view[nslots:]
         self._unlink = weakref.finalize(self, _unlink, path) if owner else None
 
     @classmethod
-    def create(cls, nslots: int) -> SlotTable:
-        """A new table in a fresh temporary file, removed by ``close()`` (or at collection)."""
-        fd, path = tempfile.mkstemp(prefix="statepool-slots-")
+    def create(cls, nslots: int, directory: str) -> SlotTable:
+        """A new table in a fresh file of ``directory``, removed by ``close()``."""
+        fd = os.open(os.path.join(directory, "slots"), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         os.close(fd)
-        return cls(path, nslots, owner=True)
+        return cls(os.path.join(directory, "slots"), nslots, owner=True)
 
-    def __getitem__(self, slot: int) -> int:
-        assert self._view is not None, "the slot table is closed"
-        return int(self._view[slot])
-
-    def __setitem__(self, slot: int, value: int) -> None:
-        assert self._view is not None, "the slot table is closed"
-        self._view[slot] = value
+    def reset(self, slot: int) -> None:
+        self.states[slot] = IDLE
+        self.cancels[slot] = 0
 
     def close(self) -> None:
         """Unmap (and, for the owner, remove the file). Safe to call twice."""
         view, self._view = self._view, None
         if view is not None:
+            self.states.release()
+            self.cancels.release()
             view.release()
             self._mmap.close()
         if self._unlink is not None:
             self._unlink()
 
     def __repr__(self) -> str:
-        values = [self[i] for i in range(self.nslots)] if self._view is not None else "closed"
-        return f"<SlotTable {self.path} {values}>"
+        return f"<SlotTable {self.path} {self.nslots} slots>"
 
 
 def _unlink(path: str) -> None:
@@ -79,87 +113,115 @@ def _unlink(path: str) -> None:
         os.unlink(path)
 
 
+def load_batch(body: bytes | bytearray, meta: bytes | bytearray) -> list[Any]:
+    """The calls of a ``BATCH`` body; ``meta`` (when not empty) names the file that holds its
+    out-of-band buffers, mapped copy-on-write: the worker reads them without a copy."""
+    if not meta:
+        calls: list[Any] = pickle.loads(body)
+        return calls
+    path, spans = pickle.loads(meta)
+    with open(path, "rb") as file:
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    view = memoryview(mapped)  # the arrays keep the mapping alive, no longer
+    calls = pickle.loads(body, buffers=[view[start:start + size] for start, size in spans])
+    return calls
+
+
 # -- in the worker --------------------------------------------------------------------------
 
 
-class _Worker:
-    """This worker process's settings and counters (one per process, set by ``init_worker``)."""
+class _Reader:
+    """Frames from a blocking socket."""
 
-    table: SlotTable | None = None
-    max_tasks: int | None = None
-    max_memory: int | None = None
-    tasks_done = 0
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
 
-
-def init_worker(table_path: str, nslots: int, max_tasks: int | None,
-                max_memory: int | None) -> None:
-    """loky's initializer: map the slot table and remember the recycling limits."""
-    _Worker.table = SlotTable(table_path, nslots, owner=False)
-    _Worker.max_tasks = max_tasks
-    _Worker.max_memory = max_memory
-    _Worker.tasks_done = 0
-
-
-def noop() -> int:
-    """The pre-warming task: proves a worker has started."""
-    return os.getpid()
-
-
-def run_call(slot: int, payload: bytes) -> tuple[bytes, bool]:
-    """Run one pickled call in ``slot``: ``(outcome bytes, whether this worker now recycles)``."""
-    table = _Worker.table
-    assert table is not None, "the worker was started without init_worker"
-    pid = os.getpid()
-    table[slot] = pid
-    try:
-        outcome = run_pickled(payload)
-    finally:
-        table[slot] = -pid
-    _Worker.tasks_done += 1
-    if _should_recycle():
-        _leave_after((outcome, True))
-    return outcome, False
-
-
-def _should_recycle() -> bool:
-    if _Worker.max_tasks is not None and _Worker.tasks_done >= _Worker.max_tasks:
+    def _fill(self, need: int) -> bool:
+        while len(self.buf) < need:
+            chunk = self.sock.recv(max(need - len(self.buf), 256 * 1024))
+            if not chunk:
+                return False
+            self.buf += chunk
         return True
-    if _Worker.max_memory is not None:
-        import psutil
 
-        return bool(psutil.Process().memory_info().rss > _Worker.max_memory)
-    return False
+    def frame(self) -> tuple[int, int, int, bytearray, bytearray] | None:
+        if not self._fill(FRAME.size):
+            return None
+        kind, seq, count, meta_len, body_len, _ = FRAME.unpack_from(self.buf)
+        end = FRAME.size + body_len
+        if not self._fill(end):
+            return None
+        meta = self.buf[FRAME.size:FRAME.size + meta_len]
+        body = self.buf[FRAME.size + meta_len:end]
+        del self.buf[:end]
+        return kind, seq, count, meta, body
 
 
-def _leave_after(result: Any) -> None:
-    """Send ``result`` for the current call, then leave the pool cleanly and exit.
+def worker_main(sock: socket.socket, table_path: str, nslots: int, base: int, ring: int,
+                max_tasks: int | None, max_memory: int | None) -> None:
+    """Serve ``BATCH`` frames until ``STOP``, end of file, or a recycling."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops us
+    sock.setblocking(True)
+    table = SlotTable(table_path, nslots, owner=False)
+    states, cancels = table.states, table.cancels
+    send = sock.sendall
+    send(FRAME.pack(READY, os.getpid(), 0, 0, 0, 0.0))
+    reader = _Reader(sock)
+    done = 0
+    checked = time.perf_counter()
+    while (frame := reader.frame()) is not None:
+        kind, seq, count, meta, body = frame
+        if kind != BATCH:
+            break
+        try:
+            calls = load_batch(body, meta)
+        except BaseException as exc:  # reported to the parent, which decides
+            error = dumps_error("?", exc)
+            send(FRAME.pack(BAD, seq, count, 0, len(error), 0.0) + error)
+            continue
+        del body, meta, frame
+        for i in range(count):
+            number = (seq + i) & 0xFFFFFFFF
+            slot = base + number % ring
+            if cancels[slot] or calls[i] is None:  # cancelled, or it did not pickle
+                states[slot] = SKIPPED
+                calls[i] = None
+                send(FRAME.pack(SKIP, number, 0, 0, 0, 0.0))
+                continue
+            states[slot] = RUNNING
+            began = time.perf_counter()
+            name, fn, args, kwargs = calls[i]
+            calls[i] = None
+            outcome = run_call(name, fn, args, kwargs)
+            del fn, args, kwargs  # an out-of-band argument unmaps once its call is over
+            elapsed = time.perf_counter() - began
+            head = FRAME.pack(DONE, number, 0, 0, len(outcome), elapsed)
+            if len(outcome) <= _INLINE_SEND:
+                send(head + outcome)
+            else:
+                send(head)
+                send(outcome)
+            states[slot] = FINISHED
+            done += 1
+            if _should_leave(done, max_tasks, max_memory, elapsed, checked):
+                send(FRAME.pack(BYE, number, 0, 0, 0, 0.0))
+                return
+            if max_memory is not None and time.perf_counter() - checked > _MEMORY_CHECK_S:
+                checked = time.perf_counter()
+    sock.close()
 
-    This is the exit of loky's worker loop (``_process_worker``) on memory-leak recycling,
-    done from inside the call: it needs that loop's queue, lock and work id. When they cannot
-    be found (another loky), return and let the caller send the result as usual.
-    """
-    from loky import process_executor as pe
 
-    code = getattr(pe, "_process_worker", None)
-    if code is None or not hasattr(pe, "_sendback_result"):
-        return
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_code is not code.__code__:
-        frame = frame.f_back  # type: ignore[assignment]
-    if frame is None:
-        return
-    names = frame.f_locals
-    try:
-        result_queue = names["result_queue"]
-        exit_lock = names["worker_exit_lock"]
-        work_id = names["call_item"].work_id
-    except (KeyError, AttributeError):
-        return
-    pe._sendback_result(result_queue, work_id, result=result)
-    recycled = getattr(pe, "_RecycledWorkerPid", int)
-    result_queue.put(recycled(os.getpid()))
-    exit_lock.acquire(True, 30)  # released by the parent once it forgot this worker
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(0)
+def _should_leave(done: int, max_tasks: int | None, max_memory: int | None, elapsed: float,
+                  checked: float) -> bool:
+    """Recycle now? After ``max_tasks`` calls, or past ``max_memory`` (RSS is read after a call
+    that took a while, and otherwise at most every ``_MEMORY_CHECK_S``)."""
+    if max_tasks is not None and done >= max_tasks:
+        return True
+    if max_memory is None:
+        return False
+    if elapsed < _MEMORY_CHECK_S and time.perf_counter() - checked < _MEMORY_CHECK_S:
+        return False
+    import psutil
+
+    return bool(psutil.Process().memory_info().rss > max_memory)

@@ -41,7 +41,9 @@ __all__ = [
     "RemoteTraceback",
     "dumps_call",
     "dumps_call_small",
+    "dumps_error",
     "loads_outcome",
+    "run_call",
     "run_pickled",
     "run_pickled_async",
 ]
@@ -155,9 +157,18 @@ def run_pickled(payload: bytes) -> bytes:
 
     Returns the pickled outcome for :func:`loads_outcome`. Never raises.
     """
-    state_name = "?"
     try:
         state_name, fn, args, kwargs = pickle.loads(payload)
+    except BaseException as exc:
+        return _dumps_error("?", exc)
+    return run_call(state_name, fn, args, kwargs)
+
+
+def run_call(state_name: str, fn: Callable[..., Any], args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> bytes:
+    """``fn(*args, **kwargs)`` here (an awaitable result is run under its own ``asyncio.run``),
+    answered as the pickled outcome for :func:`loads_outcome`. Never raises."""
+    try:
         result = fn(*args, **kwargs)
         if inspect.isawaitable(result):
             result = asyncio.run(_await(result))
@@ -186,6 +197,10 @@ async def _await(awaitable: Any) -> Any:
 
 
 def _dumps_result(state_name: str, result: object) -> bytes:
+    try:  # the C pickler first: most results are plain data (and 5x faster than cloudpickle's)
+        return pickle.dumps((_OK, result), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # a lambda, a local class...: cloudpickle carries it
+        pass
     try:
         return _dumps((_OK, result))
     except Exception as exc:
@@ -194,6 +209,11 @@ def _dumps_result(state_name: str, result: object) -> bytes:
             f"to the parent process ({type(exc).__name__}: {exc})"
         )
         return _dumps_error(state_name, error, _format(exc))
+
+
+def dumps_error(state_name: str, exc: BaseException) -> bytes:
+    """The pickled outcome of a call that raised ``exc`` (see :func:`loads_outcome`)."""
+    return _dumps_error(state_name, exc)
 
 
 def _dumps_error(state_name: str, exc: BaseException, tb: str | None = None) -> bytes:
@@ -235,7 +255,7 @@ def _format(exc: BaseException) -> str:
 # -- parent side: the outcome ---------------------------------------------------------------
 
 
-def loads_outcome(data: bytes) -> Any:
+def loads_outcome(data: bytes | bytearray) -> Any:
     """The result carried by ``data``, or raise its exception (``__cause__``: the worker's
     traceback)."""
     try:

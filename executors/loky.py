@@ -1,22 +1,28 @@
-"""``"process"``: plain and coroutine functions in a loky process pool, one crash costing one state.
+"""``"process"``: plain and coroutine functions in worker processes, one crash costing one state.
 
-The executor keeps its own waiting line and hands loky no more calls than it has workers, each
-with a *slot* in which the worker writes its PID (see ``_loky_worker``). That is what makes the
-promises below possible on top of a pool that loky breaks as a whole on any crash:
+The workers are fresh interpreters started by loky's process backend; the executor talks to each
+one over its own socketpair (``_loky_pool``, ``_loky_worker``) rather than through loky's
+``ProcessPoolExecutor``, which breaks as a whole when one worker dies, cannot say which task did
+it, and costs several thread hops per call. What that buys:
 
-* **Crash isolation.** When a worker dies (``os._exit``, a signal, a segfault, the OOM killer),
-  loky fails every in-flight call. The state whose worker died first fails with
-  ``WorkerCrashedError`` naming it and the exit code or signal; the others are put back at the
-  head of the line and run again on a fresh pool (a call that sees the pool break under it
-  ``MAX_BREAKS`` times fails). The pool recovers; later states run.
+* **Batches.** Calls measured fast travel many to a frame (``_loky_batch``: adaptive, as
+  joblib's auto-batching), pickled in one go, and a worker holds a second batch of fast calls
+  while it runs the first, so it never waits for a round trip. A call not measured yet, or
+  measured slow, goes alone and only to an idle worker. Each call answers in its own frame as
+  soon as it ends; the loop reads every frame that arrived in one go.
+* **Crash isolation.** A worker that dies (``os._exit``, a signal, a segfault, the OOM killer)
+  takes nobody else with it: the call it was running (the slot table says which) fails with
+  ``WorkerCrashedError``; the calls it had finished keep their results; the calls it had not
+  started run on another worker. A new worker takes its place.
 * **Hard cancel.** Cancelling the task that awaits ``run()`` (a timeout, ``handle.cancel()``)
-  kills the worker running the call, so its CPU work stops; the calls that shared the pool run
-  again, unseen but for the time. A call still waiting for a worker is dropped locally.
-* **Never blocking the loop.** Pickling, ``submit()`` (which may start workers) and pool
-  start-up and shutdown run on one private helper thread; outcomes are unpickled on loky's
-  thread.
-* **Recycling.** ``max_tasks_per_worker`` and ``max_memory`` recycle a worker between calls;
-  a call that drives its worker past ``max_memory`` while it runs (RSS polled every
+  kills the worker running the call, and only that one; a call that has not started is skipped.
+* **Never blocking the loop.** Starting workers, writing large buffers and pickling what is too
+  large to pickle inline happen on one private helper thread; the loop only reads and writes
+  non-blocking sockets.
+* **Large arrays** (numpy, ``bytearray``) travel out of band through a file of the executor's
+  temporary directory that the worker maps (``_shm``).
+* **Recycling.** ``max_tasks_per_worker`` and ``max_memory`` recycle a worker between calls; a
+  call that drives its worker past ``max_memory`` while it runs (RSS polled every
   ``memory_poll_interval`` seconds) has the worker killed and fails with ``WorkerCrashedError``.
 """
 
@@ -28,26 +34,33 @@ import enum
 import functools
 import logging
 import os
+import shutil
+import tempfile
+import weakref
 from collections import deque
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psutil
-from loky.process_executor import BrokenProcessPool, ShutdownExecutorError
 
 from engine.errors import WorkerCrashedError
 
-from ._loky_pool import LokyPool, describe_exit, kill_tree
-from ._loky_worker import SlotTable, run_call
-from ._remote import dumps_call, loads_outcome
+from . import _shm
+from ._loky_batch import MAX_BATCH, SLOW_S, Batch, CostModel, Job, take
+from ._loky_pool import Frame, Worker, describe_exit, kill_tree
+from ._loky_worker import BAD, BATCH, BYE, DONE, FRAME, READY, RUNNING, SKIP, SlotTable
+from ._remote import INLINE_LOADS_LIMIT, loads_outcome
 from .base import Executor, PreparedCall
 
 __all__ = ["LokyExecutor"]
 
 logger = logging.getLogger("engine")
 
-MAX_BREAKS = 3  # a call the pool breaks under this many times (as an innocent) fails
+MAX_RERUNS = 3  # a call sent again this often after deaths with nobody to blame fails
+MAX_START_FAILURES = 3  # workers in a row that die before they answer: stop trying
+RING = 2 * MAX_BATCH  # slots per worker: the calls of two batches
 _START_POLL_S = 0.005  # how often a cancelled call that has not started yet is looked at
+_STOP_TIMEOUT_S = 5.0
 
 
 class _Phase(enum.Enum):
@@ -57,30 +70,8 @@ class _Phase(enum.Enum):
     CLOSED = "closed"
 
 
-class _Job:
-    """One call on its way through the executor (it may be sent more than once)."""
-
-    __slots__ = ("breaks", "call", "cf", "doom", "fut", "payload", "pool", "rss", "slot",
-                 "ticket")
-
-    def __init__(self, call: PreparedCall, fut: asyncio.Future[Any]) -> None:
-        self.call = call
-        self.fut = fut
-        self.payload: bytes | None = None  # pickled once, kept for a re-run
-        self.slot: int | None = None  # while handed to loky
-        self.pool: LokyPool | None = None
-        self.cf: Future[Any] | None = None
-        self.ticket = 0  # bumped at every dispatch: callbacks of an earlier one are stale
-        self.breaks = 0
-        self.doom: str | None = None  # why the executor killed its worker: "cancel", "memory"
-        self.rss = 0
-
-    def __repr__(self) -> str:
-        return f"<_Job {self.call.state_name!r} slot={self.slot} ticket={self.ticket}>"
-
-
 class LokyExecutor(Executor):
-    """A loky process pool in which a crash, a cancel or a timeout costs only its own state.
+    """Worker processes in which a crash, a cancel or a timeout costs only its own state.
 
     ``max_workers`` defaults to the usable cores. ``max_tasks_per_worker`` recycles a worker
     after that many calls; ``max_memory`` (bytes of RSS per worker) recycles a worker past it
@@ -107,19 +98,23 @@ class LokyExecutor(Executor):
         self.max_tasks_per_worker = max_tasks_per_worker
         self.max_memory = max_memory
         self.memory_poll_interval = memory_poll_interval
-        self.pool_breaks = 0  # how many times a pool broke and was replaced
-        self.recycled = 0  # how many workers left after max_tasks_per_worker or max_memory
+        self.crashes = 0  # workers lost other than by recycling or shutdown
+        self.recycled = 0  # workers that left after max_tasks_per_worker or max_memory
         self._phase = _Phase.NEW
         self._loop: asyncio.AbstractEventLoop | None = None
         self._helper: ThreadPoolExecutor | None = None
+        self._dir = ""
         self._table: SlotTable | None = None
-        self._pool: LokyPool | None = None
-        self._pool_starting: asyncio.Future[LokyPool] | None = None
-        self._generation = 0
-        self._pending: deque[_Job] = deque()
-        self._running: dict[int, _Job] = {}  # slot -> job handed to loky
-        self._free: list[int] = list(range(max_workers))[::-1]
+        self._workers: list[Worker | None] = [None] * max_workers
+        self._spawning: dict[int, asyncio.Future[Worker]] = {}
+        self._start_failures = 0
+        self._ready: asyncio.Future[None] | None = None  # the first worker answered
+        self._pending: deque[Job] = deque()
+        self._model = CostModel()
+        self._pump_handle: asyncio.Handle | None = None
         self._memory_timer: asyncio.TimerHandle | None = None
+        self._procs: dict[int, Any] = {}  # pid -> process, for the finalizer
+        self._finalizer: weakref.finalize[Any, Any] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -128,60 +123,71 @@ class LokyExecutor(Executor):
         if self._phase is _Phase.NEW:
             self._loop = loop
             self._helper = ThreadPoolExecutor(1, thread_name_prefix="statepool-loky")
-            self._table = SlotTable.create(self.max_workers)
+            self._dir = tempfile.mkdtemp(prefix="statepool-process-")
+            self._finalizer = weakref.finalize(self, _cleanup, self._procs, self._dir)
+            self._table = SlotTable.create(self.max_workers * RING, self._dir)
+            self._ready = loop.create_future()
             self._phase = _Phase.OPEN
         elif self._phase is not _Phase.OPEN:
             raise RuntimeError(f"the process executor is {self._phase.value}")
         elif loop is not self._loop:
             raise RuntimeError("the process executor is bound to another event loop")
+        self._fill(retry=True)
         return loop
 
     async def start(self) -> None:
         """Start the workers now and wait until one of them answers."""
         self._open()
-        pool = self._pool
-        if pool is None:
-            pool = await asyncio.shield(self._start_pool())
-        with contextlib.suppress(BrokenProcessPool):  # a break is handled like any other
-            await asyncio.wrap_future(pool.warm)
+        assert self._ready is not None
+        await asyncio.shield(self._ready)
 
-    def _start_pool(self) -> asyncio.Future[LokyPool]:
-        """Build the next pool on the helper thread (one at a time)."""
-        if self._pool_starting is None:
-            assert self._loop is not None and self._helper is not None and self._table
-            self._generation += 1
-            make = functools.partial(
-                LokyPool, self.max_workers, self._table, max_tasks=self.max_tasks_per_worker,
-                max_memory=self.max_memory, generation=self._generation)
-            fut = self._pool_starting = self._loop.run_in_executor(self._helper, make)
-            fut.add_done_callback(self._pool_started)
-        return self._pool_starting
+    def _fill(self, *, retry: bool = False) -> None:
+        """Start a worker in every empty place, unless too many died as they started (a new
+        call, ``retry``, tries again)."""
+        if self._start_failures >= MAX_START_FAILURES:
+            if not retry or self._spawning or any(w is not None for w in self._workers):
+                return
+            self._start_failures = 0
+            if self._ready is not None and self._ready.done():
+                assert self._loop is not None
+                self._ready = self._loop.create_future()
+        for index, worker in enumerate(self._workers):
+            if worker is None and index not in self._spawning:
+                self._spawn(index)
 
-    def _pool_started(self, fut: asyncio.Future[LokyPool]) -> None:
-        self._pool_starting = None
-        if fut.cancelled():
+    def _spawn(self, index: int) -> None:
+        assert self._loop is not None and self._helper is not None and self._table is not None
+        fut = self._loop.run_in_executor(
+            self._helper, Worker.spawn, index, index * RING, RING, self._table,
+            self.max_tasks_per_worker, self.max_memory)
+        self._spawning[index] = fut
+        fut.add_done_callback(functools.partial(self._spawned, index))
+
+    def _spawned(self, index: int, fut: asyncio.Future[Worker]) -> None:
+        del self._spawning[index]
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or exc is not None:
+            self._start_failures += 1
+            logger.error("the process executor cannot start a worker: %s", exc, exc_info=exc)
+            if self._start_failures >= MAX_START_FAILURES:
+                self._give_up(f"its workers cannot start ({type(exc).__name__}: {exc})")
             return
-        exc = fut.exception()
-        if exc is not None:
-            logger.error("the process executor cannot start its workers: %s", exc, exc_info=exc)
-            while self._pending:
-                self._fail(self._pending.popleft(), exc)
-            return
-        pool = fut.result()
+        worker = fut.result()
+        self._procs[worker.pid] = worker.process
+        self._workers[index] = worker
+        assert self._loop is not None
+        worker.attach(self._loop, self._on_frames, self._on_exit)
         if self._phase is _Phase.CLOSED:
-            self._retire(pool, kill=True)
-            return
-        self._pool = pool
-        pool.warm.add_done_callback(functools.partial(self._threadsafe, self._warmed, pool))
-        self._pump()
+            worker.kill("the executor closed")
 
-    def _warmed(self, pool: LokyPool, warm: Future[Any]) -> None:
-        if isinstance(warm.exception(), BrokenProcessPool):
-            self._pool_broke(pool)
-
-    def _retire(self, pool: LokyPool, *, kill: bool) -> None:
-        assert self._helper is not None
-        self._helper.submit(pool.close, kill)
+    def _give_up(self, why: str) -> None:
+        """Workers cannot start: fail what waits (a later ``run()`` tries again)."""
+        error = WorkerCrashedError(f"the process executor: {why}")
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(error)
+            self._ready.exception()  # retrieved: start() may never be awaited
+        while self._pending:
+            self._fail(self._pending.popleft(), error)
 
     async def shutdown(self, *, cancel: bool) -> None:
         """Stop: ``cancel=False`` lets every call finish first; ``cancel=True`` kills the
@@ -198,32 +204,52 @@ class LokyExecutor(Executor):
             await asyncio.wait(waiting)
         for fut in self._unfinished():
             fut.cancel()
-        kill = cancel or bool(self._running)  # a cancelled call whose kill is still due
-        self._pending.clear()
         self._phase = _Phase.CLOSED
-        if self._memory_timer is not None:
-            self._memory_timer.cancel()
-        if self._pool_starting is not None:
-            await asyncio.wait([self._pool_starting])  # _pool_started retires it: CLOSED
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            self._retire(pool, kill=kill)
-        await loop.run_in_executor(self._helper, _nothing)  # every retired pool is closed
+        self._pending.clear()
+        for timer in (self._memory_timer, self._pump_handle):
+            if timer is not None:
+                timer.cancel()
+        if self._ready is not None and not self._ready.done():
+            self._ready.cancel()
+        while self._spawning:  # a worker that starts now is killed as it arrives
+            await asyncio.wait(list(self._spawning.values()))
+        workers = [w for w in self._workers if w is not None and w.exited is not None]
+        for worker in workers:
+            if cancel or worker.jobs or not worker.ready:  # a cancelled call may still run
+                worker.kill("the executor closed")
+            elif worker.alive:
+                worker.stop()
+        exits = [w.exited for w in workers if w.exited is not None]
+        if exits:
+            _, late = await asyncio.wait(exits, timeout=_STOP_TIMEOUT_S)
+            if late:
+                for worker in workers:
+                    worker.kill("it did not stop in time")
+                await asyncio.wait(late)
+        await loop.run_in_executor(self._helper, _nothing)
         self._helper.shutdown(wait=True)
-        self._running.clear()
         self._table.close()
+        if self._finalizer is not None:
+            self._finalizer()  # removes the temporary directory
 
     def _unfinished(self) -> list[asyncio.Future[Any]]:
-        jobs = (*self._pending, *self._running.values())
-        return [job.fut for job in jobs if not job.fut.done()]
+        futs = [job.fut for job in self._pending if not job.fut.done()]
+        for worker in self._workers:
+            if worker is not None:
+                futs += [job.fut for job in worker.jobs.values() if not job.fut.done()]
+        return futs
 
     # -- running a call ----------------------------------------------------------------------
 
     async def run(self, call: PreparedCall) -> Any:
         loop = self._open()
-        job = _Job(call, loop.create_future())
+        job = Job(call, loop.create_future())
         self._pending.append(job)
-        self._pump()
+        if self._pump_handle is None:
+            if any(w is not None and w.usable and not w.batches for w in self._workers):
+                self._pump()  # an idle worker: send it now
+            else:  # the others of this loop iteration go with it
+                self._pump_handle = loop.call_soon(self._pump)
         try:
             return await job.fut
         except asyncio.CancelledError:
@@ -231,58 +257,112 @@ class LokyExecutor(Executor):
             raise
 
     def _pump(self) -> None:
-        """Hand waiting calls to loky while it has a free worker."""
-        if not self._pending or self._phase is _Phase.CLOSED:
+        """Hand waiting calls to the workers: idle ones first, then a second batch of fast
+        calls to workers running a batch of fast calls."""
+        self._pump_handle = None
+        pending = self._pending
+        if self._phase is _Phase.CLOSED or not self._has_head():
             return
-        pool = self._pool
-        if pool is None:
-            self._start_pool()
+        workers = [w for w in self._workers if w is not None and w.usable]
+        if not workers:
             return
-        if pool.broken:
-            self._pool_broke(pool)
-            return
-        assert self._helper is not None and self._table is not None
-        while self._pending and self._free:
-            job = self._pending.popleft()
-            if job.fut.done():
-                continue
-            slot = job.slot = self._free.pop()
-            self._table[slot] = 0
-            self._running[slot] = job
-            job.pool = pool
-            job.ticket += 1
-            job.call.started()
-            self._helper.submit(self._send, pool, job, slot, job.ticket)
-        if self.max_memory is not None and self._memory_timer is None and self._running:
-            self._memory_timer = self._loop.call_later(  # type: ignore[union-attr]
-                self.memory_poll_interval, self._poll_memory)
+        share = -(-len(pending) // len(workers))
+        model = self._model
+        for worker in workers:
+            if not worker.batches and self._has_head():
+                self._dispatch(worker, *take(pending, model, share))
+        for worker in workers:
+            if len(worker.batches) == 1 and worker.batches[0].fast and self._has_head() \
+                    and model.head_is_fast(pending):
+                self._dispatch(worker, *take(pending, model, share))
+        if self.max_memory is not None and self._memory_timer is None:
+            assert self._loop is not None
+            self._memory_timer = self._loop.call_later(self.memory_poll_interval,
+                                                       self._poll_memory)
 
-    def _send(self, pool: LokyPool, job: _Job, slot: int, ticket: int) -> None:
-        """Pickle and submit (helper thread)."""
-        if job.fut.done():  # cancelled before it could start: nothing to stop
-            self._threadsafe(self._unsent, job, ticket, None)
-            return
-        try:
-            if job.payload is None:
-                job.payload = dumps_call(job.call)
-            job.cf = pool.executor.submit(run_call, slot, job.payload)
-        except BaseException as exc:
-            self._threadsafe(self._unsent, job, ticket, exc)
-            return
-        job.cf.add_done_callback(functools.partial(self._landed, job, ticket))
+    def _has_head(self) -> bool:
+        """Is a call waiting? (Drops the cancelled ones at the head of the line.)"""
+        pending = self._pending
+        while pending and pending[0].fut.done():
+            pending.popleft()
+        return bool(pending)
 
-    def _landed(self, job: _Job, ticket: int, cf: Future[Any]) -> None:
-        """Unpickle the outcome (loky's thread), then hand it to the loop."""
+    def _dispatch(self, worker: Worker, jobs: list[Job], fast: bool) -> None:
+        """Send ``jobs`` to ``worker`` as one batch."""
+        table = self._table
+        assert table is not None and self._helper is not None
+        batch = Batch(worker, jobs, fast)
+        first = worker.seq
+        for i, job in enumerate(jobs):
+            seq = (first + i) & 0xFFFFFFFF
+            job.seq, job.batch, job.worker = seq, batch, worker
+            worker.jobs[seq] = job
+            table.reset(worker.base + seq % RING)
+        worker.seq = (first + len(jobs)) & 0xFFFFFFFF
+        worker.batches.append(batch)
+        if len(worker.batches) == 1:
+            self._begin(batch)
+        calls = [job.call for job in jobs]
         try:
-            data, recycled = cf.result()
-        except BaseException as exc:
-            self._threadsafe(self._lost, job, ticket, exc)
+            packed = _shm.pack(calls, inline=True)
+        except Exception:  # they pickle apart, not together
+            packed = None
+        if packed is not None and not packed.buffers:
+            self._send(worker, batch, first, packed, None)
             return
+        slot = worker.reserve()
+        self._helper.submit(self._pack_off_loop, worker, batch, first, calls, packed, slot)
+
+    def _pack_off_loop(self, worker: Worker, batch: Batch, first: int,
+                       calls: list[PreparedCall], packed: _shm.Packed | None, slot: Any) -> None:
+        """Pickle a large batch and write its out-of-band buffers (helper thread)."""
         try:
-            value, ok = loads_outcome(data), True
-        except BaseException as exc:
-            value, ok = exc, False
-        self._threadsafe(self._outcome, job, ticket, ok, value, recycled)
+            if packed is None:
+                packed = _shm.pack(calls, inline=False)
+                assert packed is not None
+            _shm.write_buffers(packed, self._dir)
+        except BaseException as exc:  # handed to the loop
+            self._threadsafe(self._unpacked, worker, batch, slot, exc)
+            return
+        self._threadsafe(self._send, worker, batch, first, packed, slot)
+
+    def _send(self, worker: Worker, batch: Batch, first: int, packed: _shm.Packed,
+              slot: Any) -> None:
+        batch.path = packed.path
+        if not worker.alive or not batch.jobs or batch.jobs[0].batch is not batch:
+            _shm.release(packed.path)  # its worker died meanwhile: its calls went back in line
+            return
+        for index, exc in packed.failed.items():  # the worker skips their place
+            self._fail(batch.jobs[index], exc)
+        meta, body = packed.meta, packed.body
+        head = FRAME.pack(BATCH, first, len(batch.jobs), len(meta), len(meta) + len(body), 0.0)
+        parts = [head + meta + body] if len(body) < 65536 else [head + meta, body]
+        if slot is None:
+            worker.send(parts)
+        else:
+            worker.fill(slot, parts)
+
+    def _unpacked(self, worker: Worker, batch: Batch, slot: Any, exc: BaseException) -> None:
+        """A batch that could not be pickled off the loop: it never reaches the worker."""
+        if slot is not None:
+            worker.fill(slot, [])
+        if not worker.alive or batch.jobs[0].batch is not batch:
+            return
+        for job in batch.jobs:
+            worker.jobs.pop(job.seq, None)
+        self._batch_over(worker, batch)
+        if len(batch.jobs) > 1:  # they pickle apart, not together
+            self._requeue(batch.jobs, solo=True)
+        else:
+            self._fail(batch.jobs[0], exc)
+        self._pump()
+
+    def _begin(self, batch: Batch) -> None:
+        """The worker is on ``batch``: its calls start (their timeout clocks run)."""
+        batch.begun = True
+        for job in batch.jobs:
+            if not job.fut.done():
+                job.call.started()
 
     def _threadsafe(self, callback: Any, *args: Any) -> None:
         loop = self._loop
@@ -290,184 +370,260 @@ class LokyExecutor(Executor):
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             loop.call_soon_threadsafe(callback, *args)
 
-    def _current(self, job: _Job, ticket: int) -> bool:
-        return job.ticket == ticket and job.slot is not None and self._running.get(job.slot) is job
+    # -- answers -----------------------------------------------------------------------------
 
-    def _release(self, job: _Job) -> None:
-        slot, job.slot = job.slot, None
-        if slot is not None and self._running.get(slot) is job:
-            del self._running[slot]
-            self._free.append(slot)
+    def _on_frames(self, worker: Worker, frames: list[Frame]) -> None:
+        for kind, seq, count, seconds, body in frames:
+            if kind in (DONE, SKIP):
+                self._answered(worker, seq, seconds if kind == DONE else None, body)
+            elif kind == READY:
+                worker.ready = True
+                self._start_failures = 0
+                if self._ready is not None and not self._ready.done():
+                    self._ready.set_result(None)
+            elif kind == BAD:
+                self._unloadable(worker, seq, count, body)
+            elif kind == BYE:
+                worker.leaving = True
+        self._pump()
 
-    def _outcome(self, job: _Job, ticket: int, ok: bool, value: Any, recycled: bool) -> None:
-        if not self._current(job, ticket):
+    def _answered(self, worker: Worker, seq: int, seconds: float | None,
+                  body: bytes | bytearray) -> None:
+        job = worker.jobs.pop(seq, None)
+        if job is None:
             return
-        self.recycled += recycled
-        self._release(job)
-        if ok:
-            self._succeed(job, value)
+        batch = job.batch
+        assert batch is not None
+        if seconds is not None:
+            self._model.observe(job.key, seconds)
+            if seconds >= SLOW_S:
+                batch.slow = True
+            if not job.fut.done():
+                if len(body) <= INLINE_LOADS_LIMIT:
+                    self._settle(job, body)
+                else:
+                    assert self._helper is not None
+                    self._helper.submit(self._settle_off_loop, job, body)
+        batch.left -= 1
+        if batch.left == 0:
+            self._batch_over(worker, batch)
+
+    def _settle(self, job: Job, body: bytes | bytearray) -> None:
+        try:
+            value = loads_outcome(body)
+        except BaseException as exc:  # the call's own exception
+            self._fail(job, exc)
         else:
-            self._fail(job, value)
-        self._pump()
+            if not job.fut.done():
+                job.fut.set_result(value)
 
-    def _unsent(self, job: _Job, ticket: int, exc: BaseException | None) -> None:
-        if not self._current(job, ticket):
-            return
-        pool = job.pool
-        if pool is not None and (pool.broken or isinstance(exc, BrokenProcessPool)):
-            self._pool_broke(pool)  # the job never ran: it goes back in line
-            return
-        self._release(job)
-        if exc is not None:
-            self._fail(job, exc)
-        self._pump()
+    def _settle_off_loop(self, job: Job, body: bytes | bytearray) -> None:
+        try:
+            value, ok = loads_outcome(body), True
+        except BaseException as exc:
+            value, ok = exc, False
+        self._threadsafe(self._settled, job, value, ok)
 
-    def _lost(self, job: _Job, ticket: int, exc: BaseException) -> None:
-        if not self._current(job, ticket):
+    def _settled(self, job: Job, value: Any, ok: bool) -> None:
+        if job.fut.done():
             return
-        if isinstance(exc, BrokenProcessPool) and job.pool is not None:
-            self._pool_broke(job.pool)
-            return
-        self._release(job)
-        if not isinstance(exc, (ShutdownExecutorError, CancelledError)):  # both on purpose
-            self._fail(job, exc)
-        self._pump()
-
-    @staticmethod
-    def _succeed(job: _Job, value: Any) -> None:
-        if not job.fut.done():
+        if ok:
             job.fut.set_result(value)
+        else:
+            job.fut.set_exception(value)
+
+    def _batch_over(self, worker: Worker, batch: Batch) -> None:
+        if batch in worker.batches:
+            worker.batches.remove(batch)
+        _shm.release(batch.path)
+        batch.path = None
+        self._model.batch_done(batch)
+        if worker.batches and not worker.batches[0].begun:
+            self._begin(worker.batches[0])
+
+    def _unloadable(self, worker: Worker, seq: int, count: int, body: bytes | bytearray) -> None:
+        """The worker could not unpickle a batch: alone, the call fails with that error;
+        together, each goes again alone."""
+        jobs = [job for i in range(count)
+                if (job := worker.jobs.pop((seq + i) & 0xFFFFFFFF, None)) is not None]
+        if not jobs:
+            return
+        batch = jobs[0].batch
+        assert batch is not None
+        if len(batch.jobs) == 1:
+            self._settle(jobs[0], body)
+        else:
+            self._requeue([job for job in jobs if not job.fut.done()], solo=True)
+        batch.left -= len(jobs)
+        if batch.left <= 0:
+            self._batch_over(worker, batch)
+
+    def _requeue(self, jobs: list[Job], *, solo: bool) -> None:
+        for job in jobs:
+            job.batch = job.worker = None
+            job.solo = job.solo or solo
+        self._pending.extendleft(reversed(jobs))
 
     @staticmethod
-    def _fail(job: _Job, exc: BaseException) -> None:
+    def _fail(job: Job, exc: BaseException) -> None:
         if not job.fut.done():
             job.fut.set_exception(exc)
 
-    # -- crashes -----------------------------------------------------------------------------
+    # -- deaths ------------------------------------------------------------------------------
 
-    def _pool_broke(self, pool: LokyPool) -> None:
-        """Fail the call whose worker died, put the others back in line, replace the pool."""
-        if pool.handled or self._phase is _Phase.CLOSED:
+    def _on_exit(self, worker: Worker) -> None:
+        """A worker is gone: blame the call it was running, keep what it finished, send the
+        calls it had not started to another worker, and start a new one."""
+        self._procs.pop(worker.pid, None)
+        if self._workers[worker.index] is worker:
+            self._workers[worker.index] = None
+        code = worker.exitcode if worker.exitcode is not None else -9
+        for batch in worker.batches:
+            _shm.release(batch.path)
+        jobs = [job for job in worker.jobs.values() if not job.fut.done()]
+        worker.jobs.clear()
+        worker.batches.clear()
+        if self._phase is _Phase.CLOSED:
             return
-        pool.handled = True
-        self.pool_breaks += 1
-        if self._pool is pool:
-            self._pool = None
-        dead = pool.dead or {}
         table = self._table
         assert table is not None
-        innocents, culprits, cancelled = [], [], 0
-        for slot, job in list(self._running.items()):
-            if job.pool is not pool:
-                continue
-            pid = table[slot]
-            self._release(job)
-            if job.fut.done():
-                cancelled += 1  # its worker was killed on purpose
-                continue
-            if job.doom == "memory":
-                culprits.append(job.call.state_name)
-                self._fail(job, self._memory_error(job, pid))
-            elif pid > 0 and pid in dead:
-                culprits.append(job.call.state_name)
-                self._fail(job, self._crash_error(job, pid, dead[pid]))
-            elif job.breaks + 1 >= MAX_BREAKS:
-                self._fail(job, WorkerCrashedError(
-                    f"state {job.call.state_name!r} ({job.call.func_name}): the process pool "
-                    f"broke {MAX_BREAKS} times while it ran, each time because of another "
-                    "worker; giving up", state_name=job.call.state_name))
+        recycling = worker.leaving and code == 0 and worker.killed_for is None
+        culprits, unstarted = [], []
+        for job in jobs:
+            if table.states[worker.base + job.seq % RING] == RUNNING:
+                culprits.append(job)
+                self._fail(job, self._memory_error(job, worker.pid) if job.doom == "memory"
+                           else self._crash_error(job, worker.pid, code))
             else:
-                job.breaks += 1
-                innocents.append(job)
-        self._pending.extendleft(reversed(innocents))
-        logger.log(
-            logging.DEBUG if cancelled and not culprits else logging.WARNING,
-            "process pool #%d broke (dead workers: %s); failing %s, running %d other state(s) "
-            "again on a fresh pool", pool.generation,
-            ", ".join(f"{pid} ({describe_exit(code)})" for pid, code in dead.items()) or "none",
-            ", ".join(repr(name) for name in culprits) or "no state", len(innocents))
-        self._retire(pool, kill=True)
+                unstarted.append(job)
+        if not culprits and not recycling:  # nobody to blame: each goes alone, a few times
+            for job in unstarted:
+                job.reruns += 1
+                if job.reruns > MAX_RERUNS:
+                    self._fail(job, self._lost_error(job, worker.pid, code))
+        self._requeue([job for job in unstarted if not job.fut.done()],
+                      solo=not culprits and not recycling)
+        self._log_exit(worker, code, recycling, culprits, len(unstarted))
+        if not worker.ready and not recycling:
+            self._start_failures += 1
+            if self._start_failures >= MAX_START_FAILURES:
+                self._give_up(f"its workers die as they start ({describe_exit(code)})")
+        self._fill()
         self._pump()
 
+    def _log_exit(self, worker: Worker, code: int, recycling: bool, culprits: list[Job],
+                  others: int) -> None:
+        if recycling:
+            self.recycled += 1
+            logger.debug("process worker %d recycled; %d call(s) it had not started go to "
+                         "another worker", worker.pid, others)
+            return
+        self.crashes += 1
+        logger.log(
+            logging.DEBUG if worker.killed_for and not culprits else logging.WARNING,
+            "process worker %d %s (%s); failing %s, running %d call(s) it had not started on "
+            "another worker", worker.pid,
+            f"was killed ({worker.killed_for})" if worker.killed_for else "died",
+            describe_exit(code), ", ".join(repr(job.call.state_name) for job in culprits)
+            or "no state", others)
+
     @staticmethod
-    def _crash_error(job: _Job, pid: int, exitcode: int) -> WorkerCrashedError:
+    def _crash_error(job: Job, pid: int, exitcode: int) -> WorkerCrashedError:
         call = job.call
         return WorkerCrashedError(
             f"state {call.state_name!r} ({call.func_name}) crashed its worker process {pid}: "
             f"{describe_exit(exitcode)}", state_name=call.state_name, exitcode=exitcode)
 
-    def _memory_error(self, job: _Job, pid: int) -> WorkerCrashedError:
+    @staticmethod
+    def _lost_error(job: Job, pid: int, exitcode: int) -> WorkerCrashedError:
         call = job.call
         return WorkerCrashedError(
-            f"state {call.state_name!r} ({call.func_name}) drove its worker process {abs(pid)} "
+            f"state {call.state_name!r} ({call.func_name}): its worker process died "
+            f"{MAX_RERUNS + 1} times before it could start it (the last one, {pid}: "
+            f"{describe_exit(exitcode)}); giving up", state_name=call.state_name,
+            exitcode=exitcode)
+
+    def _memory_error(self, job: Job, pid: int) -> WorkerCrashedError:
+        call = job.call
+        return WorkerCrashedError(
+            f"state {call.state_name!r} ({call.func_name}) drove its worker process {pid} "
             f"to {_mib(job.rss)} of memory, past max_memory={_mib(self.max_memory or 0)}: "
             "the worker was killed", state_name=call.state_name, exitcode=-9)
 
     # -- cancel and memory ------------------------------------------------------------------
 
-    def _abandon(self, job: _Job) -> None:
-        """The task awaiting ``job`` was cancelled: drop it, or kill the worker running it."""
-        if job.slot is None:
-            with contextlib.suppress(ValueError):
-                self._pending.remove(job)
-            return
-        if self._phase is _Phase.CLOSED:
-            return  # shutdown kills every worker
-        job.doom = "cancel"
-        self._kill_when_started(job, job.ticket)
+    def _abandon(self, job: Job) -> None:
+        """The task awaiting ``job`` was cancelled: skip it, or kill the worker running it."""
+        worker = job.worker
+        if worker is None or not worker.alive or self._phase is _Phase.CLOSED:
+            return  # still in line: the pump drops it
+        assert self._table is not None
+        self._table.cancels[worker.base + job.seq % RING] = 1
+        self._kill_when_started(job, worker, job.seq)
 
-    def _kill_when_started(self, job: _Job, ticket: int) -> None:
-        if not self._current(job, ticket) or self._phase is _Phase.CLOSED:
-            return
-        pid = self._table[job.slot]  # type: ignore[index]
-        if pid > 0:
-            self._kill(job, pid)
-        elif pid == 0:  # not started yet: a local drop if loky still holds it, else wait
-            cf = job.cf
-            if cf is None or not cf.cancel():
-                self._loop.call_later(  # type: ignore[union-attr]
-                    _START_POLL_S, self._kill_when_started, job, ticket)
-        # pid < 0: it has finished; its outcome is on the way and is discarded
-
-    def _kill(self, job: _Job, pid: int) -> None:
-        pool = job.pool
-        if pool is not None and pool.has(pid):
-            logger.debug("killing worker %d running state %r (%s)", pid, job.call.state_name,
-                         job.doom)
-            kill_tree(pid)
+    def _kill_when_started(self, job: Job, worker: Worker, seq: int) -> None:
+        if worker.jobs.get(seq) is not job or not worker.alive:
+            return  # answered (skipped, or finished: the outcome is dropped), or gone
+        assert self._table is not None and self._loop is not None
+        if self._table.states[worker.base + seq % RING] == RUNNING:
+            job.doom = "cancel"
+            logger.debug("killing worker %d running state %r (cancelled)", worker.pid,
+                         job.call.state_name)
+            worker.kill("to stop a cancelled call")
+        else:  # it may be about to start: look again
+            self._loop.call_later(_START_POLL_S, self._kill_when_started, job, worker, seq)
 
     def _poll_memory(self) -> None:
         self._memory_timer = None
         limit, table = self.max_memory, self._table
         if limit is None or table is None or self._phase is _Phase.CLOSED:
             return
-        for slot, job in list(self._running.items()):
-            pid = table[slot]
-            if pid <= 0 or job.doom is not None:
+        busy = False
+        for worker in self._workers:
+            if worker is None or not worker.alive or not worker.jobs:
+                continue
+            busy = True
+            job = next(iter(worker.jobs.values()))  # the earliest unanswered: running or next
+            if table.states[worker.base + job.seq % RING] != RUNNING or job.doom is not None:
                 continue
             try:
-                rss = psutil.Process(pid).memory_info().rss
+                rss = psutil.Process(worker.pid).memory_info().rss
             except psutil.Error:
                 continue
             if rss > limit:
                 job.doom, job.rss = "memory", rss
                 logger.warning("state %r drove worker %d to %s, past max_memory=%s: killing it",
-                               job.call.state_name, pid, _mib(rss), _mib(limit))
-                self._kill(job, pid)
-        if self._running:
-            self._memory_timer = self._loop.call_later(  # type: ignore[union-attr]
-                self.memory_poll_interval, self._poll_memory)
+                               job.call.state_name, worker.pid, _mib(rss), _mib(limit))
+                worker.kill("past max_memory")
+        if busy:
+            assert self._loop is not None
+            self._memory_timer = self._loop.call_later(self.memory_poll_interval,
+                                                       self._poll_memory)
 
     # -- introspection -----------------------------------------------------------------------
 
+    @property
+    def pool_breaks(self) -> int:
+        """The former name of :attr:`crashes` (workers lost other than by recycling)."""
+        return self.crashes
+
     def worker_pids(self) -> list[int]:
-        pool = self._pool
-        return pool.pids() if pool is not None and not pool.broken else []
+        return [w.pid for w in self._workers if w is not None and w.alive]
 
     def __repr__(self) -> str:
+        running = sum(len(w.jobs) for w in self._workers if w is not None)
         return (f"<LokyExecutor {self._phase.value} workers={self.max_workers} "
-                f"running={len(self._running)} waiting={len(self._pending)} "
-                f"pool_breaks={self.pool_breaks}>")
+                f"running={running} waiting={len(self._pending)} crashes={self.crashes}>")
+
+
+def _cleanup(procs: dict[int, Any], directory: str) -> None:
+    """Kill what is left and remove the temporary directory (at shutdown, or at exit)."""
+    for pid in list(procs):
+        kill_tree(pid)
+        with contextlib.suppress(Exception):
+            procs[pid].join(1.0)
+    procs.clear()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def _nothing() -> None:

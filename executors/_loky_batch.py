@@ -1,0 +1,161 @@
+"""Batches for the ``"process"`` executor: how many calls go to a worker in one frame.
+
+A call whose function has not been measured yet, or was measured slow (``SLOW_S`` or more), goes
+alone, so a CPU-heavy call never waits behind another one on a busy worker while an idle worker
+could take it. Calls measured fast go together, as joblib's auto-batching does: a batch takes
+calls from the head of the line while their estimated run times add up to ``TARGET_S`` at most,
+no more than an equal share of the line per worker, and no more than the function's *limit*.
+The limit starts at 1, doubles each time a batch of the function comes back without a slow call,
+and falls back to 1 at the first slow call. Run times are measured in the worker, per call, and
+kept per function (its code object: every lambda of one line shares one estimate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import types
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .base import PreparedCall
+
+if TYPE_CHECKING:
+    from ._loky_pool import Worker
+
+__all__ = ["MAX_BATCH", "SLOW_S", "TARGET_S", "Batch", "CostModel", "Job", "cost_key", "take"]
+
+TARGET_S = 0.002  # the work a batch of fast calls aims at
+SLOW_S = 0.001  # a call that takes this long goes alone
+MAX_BATCH = 512  # calls in one batch at most
+_ALPHA = 0.25  # weight of a new measure in the running estimate
+_MAX_KEYS = 4096  # functions remembered at most (the estimates start over past that)
+
+
+class Job:
+    """One call on its way through the executor (it may be sent more than once)."""
+
+    __slots__ = ("batch", "call", "doom", "fut", "key", "reruns", "rss", "seq", "solo", "worker")
+
+    def __init__(self, call: PreparedCall, fut: asyncio.Future[Any]) -> None:
+        self.call = call
+        self.fut = fut
+        self.key = cost_key(call.fn)
+        self.worker: Worker | None = None  # while sent, or about to be
+        self.batch: Batch | None = None
+        self.seq = 0  # its sequence number on that worker
+        self.solo = False  # goes alone (its batch could not be loaded, or its worker died)
+        self.reruns = 0  # sent again after its worker died with no call to blame
+        self.doom: str | None = None  # why the executor killed its worker: "cancel", "memory"
+        self.rss = 0
+
+    def __repr__(self) -> str:
+        return f"<Job {self.call.state_name!r} seq={self.seq} worker={self.worker}>"
+
+
+class Batch:
+    """Calls sent to one worker in one frame, run there in order."""
+
+    __slots__ = ("begun", "fast", "jobs", "left", "path", "slow", "worker")
+
+    def __init__(self, worker: Worker, jobs: list[Job], fast: bool) -> None:
+        self.worker = worker
+        self.jobs = jobs
+        self.left = len(jobs)  # calls not answered yet
+        self.fast = fast  # its calls were all measured fast
+        self.slow = False  # one of its calls was measured slow
+        self.begun = False  # the worker is on it: its calls' clocks run
+        self.path: str | None = None  # the file of its out-of-band buffers
+
+    def __repr__(self) -> str:
+        return f"<Batch of {len(self.jobs)} left={self.left} fast={self.fast}>"
+
+
+def cost_key(fn: Callable[..., Any]) -> object:
+    """What run times are kept under: the code object of ``fn`` (through partials and bound
+    methods), else the callable's type (a callable object), else ``fn`` itself (a builtin)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        code = getattr(getattr(fn, "__func__", None), "__code__", None)
+    if code is not None:
+        return code
+    if isinstance(fn, types.BuiltinFunctionType):
+        return fn
+    return type(fn)
+
+
+class _Cost:
+    __slots__ = ("est", "limit")
+
+    def __init__(self, est: float) -> None:
+        self.est = est  # seconds per call, running estimate
+        self.limit = 1  # calls per batch at most
+
+
+class CostModel:
+    """Measured run times per function, and the batch limits they allow."""
+
+    def __init__(self) -> None:
+        self._costs: dict[object, _Cost] = {}
+
+    def estimate(self, key: object) -> float | None:
+        cost = self._costs.get(key)
+        return None if cost is None else cost.est
+
+    def observe(self, key: object, seconds: float) -> None:
+        cost = self._costs.get(key)
+        if cost is None:
+            if len(self._costs) >= _MAX_KEYS:
+                self._costs.clear()
+            self._costs[key] = _Cost(seconds)
+        elif seconds >= SLOW_S:  # slow: believe it at once, and send it alone from now on
+            cost.est = max(cost.est, seconds)
+            cost.limit = 1
+        else:
+            cost.est += _ALPHA * (seconds - cost.est)
+
+    def batch_done(self, batch: Batch) -> None:
+        """A batch came back: the functions in it may go in bigger batches unless one was slow."""
+        if batch.slow:
+            return
+        for key in {job.key for job in batch.jobs}:
+            cost = self._costs.get(key)
+            if cost is not None and cost.est < SLOW_S:
+                cost.limit = min(2 * cost.limit, MAX_BATCH)
+
+    def head_is_fast(self, pending: deque[Job]) -> bool:
+        """Would the next batch be one of fast calls?"""
+        job = pending[0]
+        cost = self._costs.get(job.key)
+        return not job.solo and cost is not None and cost.est < SLOW_S
+
+    def __repr__(self) -> str:
+        return f"<CostModel {len(self._costs)} functions>"
+
+
+def take(pending: deque[Job], model: CostModel, share: int) -> tuple[list[Job], bool]:
+    """The next batch from the head of ``pending`` (whose head is not done): its jobs, and
+    whether they are all fast."""
+    head = pending.popleft()
+    costs = model._costs
+    cost = costs.get(head.key)
+    if head.solo or cost is None or cost.est >= SLOW_S:
+        return [head], False
+    limit = min(share, cost.limit, MAX_BATCH)
+    jobs = [head]
+    total = cost.est
+    while pending and len(jobs) < limit:
+        job = pending[0]
+        if job.fut.done():
+            pending.popleft()
+            continue
+        other = cost if job.key is head.key else costs.get(job.key)
+        if job.solo or other is None or other.est >= SLOW_S or len(jobs) >= other.limit \
+                or total + other.est > TARGET_S:
+            break
+        jobs.append(pending.popleft())
+        total += other.est
+    return jobs, True
