@@ -31,15 +31,15 @@ class State:
     """
 
     __slots__ = (
+        "_executor",
+        "_func_name",
         "_has_lazy",
+        "_is_coro",
         "args",
         "event",
         "executor",
-        "executor_name",
         "func",
-        "func_name",
         "is_blocking",
-        "is_coro",
         "kwargs",
         "lazy_args",
         "lazy_kwargs",
@@ -85,11 +85,26 @@ class State:
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(self._field("retries", "must be an int >= 0", retries))
         self.retries = retries
-        self.func_name = _func_name(func)
-        self.is_coro = is_coroutine_callable(func)
+        self._func_name = _func_name(func)
+        self._is_coro = is_coroutine_callable(func)
         self.executor = executor
-        self.executor_name = self._executor_name(executor)
+        self._executor = self._executor_name(executor)
         self._has_lazy = bool(self.lazy_args or self.lazy_kwargs)
+
+    @property
+    def func_name(self) -> str:
+        """The function's name for logs and errors (see :func:`engine.naming.func_name`)."""
+        return self._func_name
+
+    @property
+    def is_coro(self) -> bool:
+        """True when ``func`` is a coroutine function (or a partial or object wrapping one)."""
+        return self._is_coro
+
+    @property
+    def executor_name(self) -> str:
+        """The name of the executor this state runs on."""
+        return self._executor
 
     # -- validation helpers ----------------------------------------------------------------
 
@@ -119,7 +134,7 @@ class State:
 
     def _executor_name(self, executor: str | Executor | None) -> str:
         if executor is None:
-            if self.is_coro:
+            if self._is_coro:
                 return "inline"
             return "thread" if self.is_blocking else "inline"
         if isinstance(executor, Executor):
@@ -132,7 +147,7 @@ class State:
             name = executor
         else:
             raise TypeError(self._field("executor", "must be a name or an Executor", executor))
-        if name == "inline" and self.is_blocking and not self.is_coro:
+        if name == "inline" and self.is_blocking and not self._is_coro:
             raise ValueError(self._field(
                 "executor", "cannot be 'inline' for a blocking plain function (it would freeze "
                 "the event loop); use 'thread' or 'process'", executor))

@@ -178,3 +178,11 @@ async def test_enter_state_blocking_returns_handle_once_dispatched() -> None:
     assert await handle == "done"
     assert handle.status is StateStatus.SUCCEEDED
     manager.signal_stopping()
+
+
+def test_derived_attributes_are_read_only() -> None:
+    state = State("s", acoro)
+    for attr in ("func_name", "is_coro", "executor_name"):
+        with pytest.raises(AttributeError):
+            setattr(state, attr, "x")
+    assert state.func_name == "acoro" and state.is_coro and state.executor_name == "inline"
