@@ -51,6 +51,7 @@ class Backend(abc.ABC):
     label: str = "backend"
     kind: str = "baseline"
     coro: bool = False  # runs the coroutine form of each task
+    remote: bool = False  # runs the calls in other processes
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
@@ -68,6 +69,14 @@ class Backend(abc.ABC):
     async def call(self, name: str, *args: Any, lazy: bool = False) -> Any:
         """One round trip."""
         return (await self.gather(name, [args], lazy=lazy))[0]
+
+    async def check_placement(self) -> None:
+        """Fail unless the calls run where this backend says (another process or this one)."""
+        pids = set(await self.gather("where", [()] * (2 * self.workers)))
+        elsewhere = os.getpid() not in pids
+        if elsewhere != self.remote:
+            raise RuntimeError(f"{self.label}: calls ran in processes {sorted(pids)}; expected "
+                               f"{'other processes' if self.remote else 'this process'}")
 
     def fn(self, name: str) -> Callable[..., Any]:
         return work.task(name, coro=self.coro)
@@ -138,9 +147,10 @@ class AsyncioQueue(Backend):
 class RunInExecutor(Backend):
     """``loop.run_in_executor`` on a ``concurrent.futures`` executor owned by the backend."""
 
-    def __init__(self, workers: int, label: str, make: Callable[[int], Any]) -> None:
+    def __init__(self, workers: int, label: str, make: Callable[[int], Any],
+                 remote: bool) -> None:
         super().__init__(workers)
-        self.label, self._make = label, make
+        self.label, self._make, self.remote = label, make, remote
 
     async def open(self) -> None:
         self._pool = self._make(self.workers)
@@ -166,6 +176,7 @@ class AioMPApply(Backend):
 
     label = "aiomultiprocess apply"
     coro = True
+    remote = True
 
     async def open(self) -> None:
         try:
@@ -207,6 +218,7 @@ class DaskClient(Backend):
     (the options statepool's own ``DaskExecutor`` gives its cluster)."""
 
     label = "dask Client.submit"
+    remote = True
 
     async def open(self) -> None:
         try:
@@ -245,6 +257,7 @@ class Joblib(Backend):
     """``joblib.Parallel(n_jobs=workers)``: synchronous, auto-batching; a reference point."""
 
     label = "joblib.Parallel (sync)"
+    remote = True
 
     async def open(self) -> None:
         try:
@@ -275,10 +288,10 @@ def baseline_factories() -> dict[str, Callable[[int], Backend]]:
         AsyncioGather.label: AsyncioGather,
         AsyncioQueue.label: AsyncioQueue,
         "ThreadPoolExecutor": lambda w: RunInExecutor(
-            w, "ThreadPoolExecutor", lambda n: concurrent.futures.ThreadPoolExecutor(n)),
+            w, "ThreadPoolExecutor", lambda n: concurrent.futures.ThreadPoolExecutor(n), False),
         "ProcessPoolExecutor": lambda w: RunInExecutor(
-            w, "ProcessPoolExecutor", lambda n: concurrent.futures.ProcessPoolExecutor(n)),
-        "loky (direct)": lambda w: RunInExecutor(w, "loky (direct)", _loky_pool),
+            w, "ProcessPoolExecutor", lambda n: concurrent.futures.ProcessPoolExecutor(n), True),
+        "loky (direct)": lambda w: RunInExecutor(w, "loky (direct)", _loky_pool, True),
         AioMPApply.label: AioMPApply,
         AioMPMap.label: AioMPMap,
         Joblib.label: Joblib,

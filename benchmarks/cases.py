@@ -64,6 +64,7 @@ class StatepoolBackend(Backend):
         self.executor = executor
         self.label = f"statepool {executor}"
         self.coro = executor in ("inline", "aioprocess")
+        self.remote = executor in ("process", "aioprocess", "dask")
         self._manager: Any = None
 
     async def open(self) -> None:

@@ -4,6 +4,7 @@ The machine's busy CPU time (``psutil.cpu_times``) over a span, less the CPU tim
 and of its descendants (live ones read through psutil, finished ones through ``os.times``), is
 what the rest of the machine used. It is given as a share of all cores over the span's wall time:
 0 % is a quiet machine; on 2 cores, 50 % means another process held one core the whole time.
+A section's figure combines the spans of its rows (the waits of ``--wait-quiet`` are left out).
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ class Noise:
 
     def to_json(self) -> dict[str, float]:
         return {"wall_s": self.wall_s, "others_pct": self.others_pct, "ours_pct": self.ours_pct}
+
+    @staticmethod
+    def combine(spans: list[Noise]) -> Noise:
+        """The noise over several spans, as if they were one (each weighted by its length)."""
+        wall = sum(n.wall_s for n in spans) or 1e-9
+        return Noise(wall, sum(n.others_pct * n.wall_s for n in spans) / wall,
+                     sum(n.ours_pct * n.wall_s for n in spans) / wall)
 
 
 class NoiseMeter:

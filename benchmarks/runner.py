@@ -20,7 +20,7 @@ import psutil
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .harness import Case, Config, Figure, NotAvailable
-from .noise import NoiseMeter, descendants
+from .noise import Noise, NoiseMeter, descendants
 from .report import console, link_baselines, print_report, write_json
 from .suite_calls import dispatch_cases, latency_cases
 from .suite_system import coldstart_cases, logging_cases, memory_cases
@@ -139,13 +139,14 @@ def run(cfg: Config, json_path: str | None, plot_dir: str | None) -> int:
     with Progress(*columns, console=err, transient=True) as progress:
         bar = progress.add_task("", total=sum(len(c) for c in by_suite.values()))
         for suite, cases in by_suite.items():
-            section = NoiseMeter()
+            spans: list[Noise] = []
             for case in cases:
                 progress.update(bar, description=f"{suite}: {case.subject}")
                 wait_for_quiet(cfg)
                 meter = NoiseMeter()
                 run_case(case, cfg)
                 noise = meter.stop()
+                spans.append(noise)
                 for fig in case.figures:
                     fig.noise_pct = noise.others_pct
                     fig.params["case_wall_s"] = round(noise.wall_s, 3)
@@ -153,7 +154,7 @@ def run(cfg: Config, json_path: str | None, plot_dir: str | None) -> int:
                         err.print(f"[red]{fig.name}: {fig.error}[/red]")
                 figures.extend(case.figures)
                 progress.advance(bar)
-            sections[suite] = {"noise": section.stop().to_json(), "cases": len(cases)}
+            sections[suite] = {"noise": Noise.combine(spans).to_json(), "cases": len(cases)}
     link_baselines(figures)
     cleanup = _cleanup(shm_before)
     duration = time.monotonic() - t0

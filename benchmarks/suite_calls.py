@@ -70,7 +70,9 @@ def _dispatch(cfg: Config, factory: Callable[[int], Backend], n: int) -> Runner:
                 return n / elapsed
 
             figs[0].repetitions = await repeat(cfg, once)
-        figs[0].params = {"calls_per_repetition": n, "workers": cfg.workers}
+            await backend.check_placement()
+        figs[0].params = {"calls_per_repetition": n, "workers": cfg.workers,
+                          "runs_in_other_processes": backend.remote}
 
     return run
 

@@ -6,11 +6,13 @@ same code: thread and process pools take the plain one, asyncio and aiomultiproc
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["aburn", "anbytes", "anoop", "burn", "calibrate_burn", "nbytes", "noop", "task"]
+__all__ = ["aburn", "anbytes", "anoop", "awhere", "burn", "calibrate_burn", "nbytes", "noop",
+           "task", "where"]
 
 
 def noop() -> None:
@@ -43,10 +45,20 @@ async def anbytes(arr: Any) -> int:
     return nbytes(arr)
 
 
+def where() -> int:
+    """The PID of the process that ran the call."""
+    return os.getpid()
+
+
+async def awhere() -> int:
+    return os.getpid()
+
+
 _TASKS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
     "noop": (noop, anoop),
     "burn": (burn, aburn),
     "nbytes": (nbytes, anbytes),
+    "where": (where, awhere),
 }
 
 

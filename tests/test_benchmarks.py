@@ -228,3 +228,21 @@ def test_failing_case_is_marked_with_its_error() -> None:
     run_case(Case("s", "x", figs, boom), Config(repetitions=1))
     assert figs[0].error == "RuntimeError: worker exploded"
     assert "worker exploded" in figs[0].params["traceback"]
+
+
+async def test_placement_check_fails_a_backend_that_runs_calls_in_the_wrong_place() -> None:
+    from benchmarks.baselines import Serial
+
+    here = Serial(2)
+    await here.check_placement()  # this process, as it says
+    here.remote = True
+    with pytest.raises(RuntimeError, match="expected other processes"):
+        await here.check_placement()
+
+
+def test_section_noise_weights_each_span_by_its_length() -> None:
+    from benchmarks.noise import Noise
+
+    both = Noise.combine([Noise(1.0, 10.0, 50.0), Noise(3.0, 50.0, 30.0)])
+    assert both.wall_s == 4.0
+    assert both.others_pct == pytest.approx(40.0) and both.ours_pct == pytest.approx(35.0)
