@@ -71,6 +71,8 @@ class Worker:
         self._sending: memoryview | None = None  # the rest of the part being written
         self._writing = False  # waiting for the socket to take more
         self._buf = bytearray()
+        self._scratch = bytearray(_CHUNK)  # recv() would allocate (and map) _CHUNK every time
+        self._scratch_view = memoryview(self._scratch)
         self._big: tuple[int, int, int, float, bytearray, int] | None = None
         self._reap_timer: asyncio.TimerHandle | None = None
         self._reap_deadline = 0.0
@@ -206,16 +208,16 @@ class Worker:
                     return []
                 self._big = None
                 return [(kind, seq, count, seconds, body)]
-            chunk = self.sock.recv(_CHUNK)
+            n = self.sock.recv_into(self._scratch)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError:
-            chunk = b""
-        if not chunk:
+            n = 0
+        if not n:
             self._eof()
             return None
         buf = self._buf
-        buf += chunk
+        buf += self._scratch_view[:n]
         frames: list[Frame] = []
         pos, end = 0, len(buf)
         while end - pos >= FRAME.size:

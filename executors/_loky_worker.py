@@ -136,13 +136,25 @@ class _Reader:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buf = bytearray()
+        self.scratch = memoryview(bytearray(256 * 1024))  # recv() would allocate it every time
 
     def _fill(self, need: int) -> bool:
-        while len(self.buf) < need:
-            chunk = self.sock.recv(max(need - len(self.buf), 256 * 1024))
-            if not chunk:
+        buf = self.buf
+        while len(buf) < need:
+            if need - len(buf) > self.scratch.nbytes:  # a large body: straight into place
+                start = len(buf)
+                buf.extend(bytes(need - start))
+                with memoryview(buf) as view:
+                    while start < need:
+                        n = self.sock.recv_into(view[start:need])
+                        if not n:
+                            return False
+                        start += n
+                return True
+            n = self.sock.recv_into(self.scratch)
+            if not n:
                 return False
-            self.buf += chunk
+            buf += self.scratch[:n]
         return True
 
     def frame(self) -> tuple[int, int, int, bytearray, bytearray] | None:

@@ -98,8 +98,11 @@ class LokyExecutor(Executor):
         self.max_tasks_per_worker = max_tasks_per_worker
         self.max_memory = max_memory
         self.memory_poll_interval = memory_poll_interval
-        self.crashes = 0  # workers lost other than by recycling or shutdown
+        self.crashes = 0  # workers that died on their own (a crash, a kill from outside)
+        self.kills = 0  # workers killed on purpose: cancel, timeout, max_memory
         self.recycled = 0  # workers that left after max_tasks_per_worker or max_memory
+        self.batches_sent = 0
+        self.calls_sent = 0
         self._phase = _Phase.NEW
         self._loop: asyncio.AbstractEventLoop | None = None
         self._helper: ThreadPoolExecutor | None = None
@@ -242,7 +245,11 @@ class LokyExecutor(Executor):
     # -- running a call ----------------------------------------------------------------------
 
     async def run(self, call: PreparedCall) -> Any:
-        loop = self._open()
+        # Open and bound: the fast path. (A task of another loop cannot await the future of
+        # this one: asyncio says so.)
+        loop = self._loop if self._phase is _Phase.OPEN and self._start_failures == 0 \
+            and None not in self._workers else self._open()
+        assert loop is not None
         job = Job(call, loop.create_future())
         self._pending.append(job)
         if self._pump_handle is None:
@@ -292,6 +299,8 @@ class LokyExecutor(Executor):
         table = self._table
         assert table is not None and self._helper is not None
         batch = Batch(worker, jobs, fast)
+        self.batches_sent += 1
+        self.calls_sent += len(jobs)
         first = worker.seq
         for i, job in enumerate(jobs):
             seq = (first + i) & 0xFFFFFFFF
@@ -518,7 +527,10 @@ class LokyExecutor(Executor):
             logger.debug("process worker %d recycled; %d call(s) it had not started go to "
                          "another worker", worker.pid, others)
             return
-        self.crashes += 1
+        if worker.killed_for:
+            self.kills += 1
+        else:
+            self.crashes += 1
         logger.log(
             logging.DEBUG if worker.killed_for and not culprits else logging.WARNING,
             "process worker %d %s (%s); failing %s, running %d call(s) it had not started on "
@@ -602,18 +614,14 @@ class LokyExecutor(Executor):
 
     # -- introspection -----------------------------------------------------------------------
 
-    @property
-    def pool_breaks(self) -> int:
-        """The former name of :attr:`crashes` (workers lost other than by recycling)."""
-        return self.crashes
-
     def worker_pids(self) -> list[int]:
         return [w.pid for w in self._workers if w is not None and w.alive]
 
     def __repr__(self) -> str:
         running = sum(len(w.jobs) for w in self._workers if w is not None)
         return (f"<LokyExecutor {self._phase.value} workers={self.max_workers} "
-                f"running={running} waiting={len(self._pending)} crashes={self.crashes}>")
+                f"running={running} waiting={len(self._pending)} crashes={self.crashes} "
+                f"kills={self.kills}>")
 
 
 def _cleanup(procs: dict[int, Any], directory: str) -> None:

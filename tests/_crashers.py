@@ -103,3 +103,84 @@ def wait_for_pid(path: str, timeout: float = 30.0) -> int:
         except (FileNotFoundError, ValueError):
             time.sleep(0.01)
     raise TimeoutError(f"no worker wrote its PID to {path} within {timeout} s")
+
+
+def logged(path: str, i: int, delay: float = 0.0, crash: bool = False) -> int:
+    """Append ``"<pid> <i>"`` to ``path`` (one atomic write), sleep ``delay``, then answer
+    ``i * 2``, or kill this worker (``os._exit(3)``) when ``crash``."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, f"{os.getpid()} {i}\n".encode())
+    finally:
+        os.close(fd)
+    if delay:
+        time.sleep(delay)
+    if crash:
+        os._exit(3)
+    return i * 2
+
+
+def read_log(path: str) -> list[tuple[int, int]]:
+    """The ``(pid, i)`` lines ``logged`` wrote."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return []
+    return [(int(pid), int(i)) for pid, i in (line.split() for line in text.splitlines())]
+
+
+def _refuse_to_load(message: str) -> Any:
+    raise ValueError(message)
+
+
+def _exit_on_load(code: int) -> Any:
+    os._exit(code)
+
+
+class Unloadable:
+    """Pickles fine; unpickling it raises ``ValueError`` (in the worker)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _refuse_to_load, ("this argument refuses to load",)
+
+
+class KillsOnLoad:
+    """Pickles fine; unpickling it kills the process that does it (before any call starts)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _exit_on_load, (5,)
+
+
+def array_facts(arr: Any) -> tuple[float, bool, bool, int]:
+    """``(sum, mapped: a view of an mmap, writable, pid)`` of an array, after writing into it."""
+    import mmap
+
+    total = float(arr.sum())
+    base = arr
+    while getattr(base, "base", None) is not None:
+        base = base.base
+    while isinstance(base, memoryview):
+        base = base.obj
+    writable = bool(arr.flags.writeable)
+    if writable and arr.size:
+        arr[0] = -1.0  # copy-on-write: the parent's array does not change
+    return total, isinstance(base, mmap.mmap), writable, os.getpid()
+
+
+def twice(x: Any) -> Any:
+    return x * 2
+
+
+def hold_array(path: str, arr: Any, seconds: float) -> float:
+    """Write this worker's PID to ``path``, hold ``arr`` for ``seconds``, answer its sum."""
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(str(os.getpid()))
+    os.replace(tmp, path)
+    time.sleep(seconds)
+    return float(arr.sum())
+
+
+def exit_holding(arr: Any, code: int = 3) -> None:
+    """Kill this worker while an (out-of-band) argument is mapped."""
+    if arr.size:
+        os._exit(code)
