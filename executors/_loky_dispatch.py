@@ -1,0 +1,339 @@
+"""The ``"process"`` executor's waiting line and workers: which calls go where, and what comes
+back. ``LokyExecutor`` (``executors.loky``) builds on :class:`Dispatch` and adds the lifecycle:
+starting and replacing workers, deaths, shutdown.
+
+Everything here runs on the event loop thread but :meth:`Dispatch._pack_off_loop` (the helper
+thread), and never blocks: sockets are non-blocking, large batches are pickled and their
+out-of-band buffers written on the helper thread, large outcomes unpickled there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psutil
+
+from . import _shm
+from ._loky_batch import MAX_BATCH, SLOW_S, Batch, CostModel, Job, take
+from ._loky_pool import Frame, Worker
+from ._loky_worker import BAD, BATCH, BYE, DONE, FRAME, READY, RUNNING, SKIP, SlotTable
+from ._remote import INLINE_LOADS_LIMIT, loads_outcome
+from .base import PreparedCall
+
+__all__ = ["RING", "Dispatch", "Phase", "mib"]
+
+logger = logging.getLogger("engine")
+
+RING = 2 * MAX_BATCH  # slots per worker: the calls of two batches
+_START_POLL_S = 0.005  # how often a cancelled call that has not started yet is looked at
+_INLINE_FRAME = 64 * 1024  # a body up to this size leaves with its header in one write
+
+
+class Phase(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class Dispatch:
+    """The waiting line, the workers, the cost model; batches out, answers in."""
+
+    max_memory: int | None
+    memory_poll_interval: float
+
+    def __init__(self, max_workers: int) -> None:
+        self.batches_sent = 0
+        self.calls_sent = 0
+        self._phase = Phase.NEW
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._helper: ThreadPoolExecutor | None = None
+        self._dir = ""  # the private temporary directory: slot table, out-of-band buffers
+        self._table: SlotTable | None = None
+        self._workers: list[Worker | None] = [None] * max_workers
+        self._start_failures = 0
+        self._ready: asyncio.Future[None] | None = None  # the first worker answered
+        self._pending: deque[Job] = deque()
+        self._model = CostModel()
+        self._pump_handle: asyncio.Handle | None = None
+        self._memory_timer: asyncio.TimerHandle | None = None
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Hand waiting calls to the workers: idle ones first, then a second batch of fast
+        calls to workers running a batch of fast calls."""
+        self._pump_handle = None
+        pending = self._pending
+        if self._phase is Phase.CLOSED or not self._has_head():
+            return
+        workers = [w for w in self._workers if w is not None and w.usable]
+        if not workers:
+            return
+        share = -(-len(pending) // len(workers))
+        model = self._model
+        for worker in workers:
+            if not worker.batches and self._has_head():
+                self._dispatch(worker, *take(pending, model, share))
+        for worker in workers:
+            if len(worker.batches) == 1 and worker.batches[0].fast and self._has_head() \
+                    and model.head_is_fast(pending):
+                self._dispatch(worker, *take(pending, model, share))
+        if self.max_memory is not None and self._memory_timer is None:
+            assert self._loop is not None
+            self._memory_timer = self._loop.call_later(self.memory_poll_interval,
+                                                       self._poll_memory)
+
+
+    def _has_head(self) -> bool:
+        """Is a call waiting? (Drops the cancelled ones at the head of the line.)"""
+        pending = self._pending
+        while pending and pending[0].fut.done():
+            pending.popleft()
+        return bool(pending)
+
+    def _dispatch(self, worker: Worker, jobs: list[Job], fast: bool) -> None:
+        """Send ``jobs`` to ``worker`` as one batch."""
+        table = self._table
+        assert table is not None and self._helper is not None
+        batch = Batch(worker, jobs, fast)
+        self.batches_sent += 1
+        self.calls_sent += len(jobs)
+        first = worker.seq
+        for i, job in enumerate(jobs):
+            seq = (first + i) & 0xFFFFFFFF
+            job.seq, job.batch, job.worker = seq, batch, worker
+            worker.jobs[seq] = job
+            table.reset(worker.base + seq % RING)
+        worker.seq = (first + len(jobs)) & 0xFFFFFFFF
+        worker.batches.append(batch)
+        if len(worker.batches) == 1:
+            self._begin(batch)
+        calls = [job.call for job in jobs]
+        try:
+            packed = _shm.pack(calls, inline=True)
+        except Exception:  # they pickle apart, not together
+            packed = None
+        if packed is not None and not packed.buffers:
+            self._send(worker, batch, first, packed, None)
+            return
+        slot = worker.reserve()
+        self._helper.submit(self._pack_off_loop, worker, batch, first, calls, packed, slot)
+
+    def _pack_off_loop(self, worker: Worker, batch: Batch, first: int,
+                       calls: list[PreparedCall], packed: _shm.Packed | None, slot: Any) -> None:
+        """Pickle a large batch and write its out-of-band buffers (helper thread)."""
+        try:
+            if packed is None:
+                packed = _shm.pack(calls, inline=False)
+                assert packed is not None
+            _shm.write_buffers(packed, self._dir)
+        except BaseException as exc:  # handed to the loop
+            self._threadsafe(self._unpacked, worker, batch, slot, exc)
+            return
+        self._threadsafe(self._send, worker, batch, first, packed, slot)
+
+    def _send(self, worker: Worker, batch: Batch, first: int, packed: _shm.Packed,
+              slot: Any) -> None:
+        batch.path = packed.path
+        if not worker.alive or not batch.jobs or batch.jobs[0].batch is not batch:
+            _shm.release(packed.path)  # its worker died meanwhile: its calls went back in line
+            return
+        for index, exc in packed.failed.items():  # the worker skips their place
+            self._fail(batch.jobs[index], exc)
+        meta, body = packed.meta, packed.body
+        head = FRAME.pack(BATCH, first, len(batch.jobs), len(meta), len(meta) + len(body), 0.0)
+        parts = [head + meta + body] if len(body) <= _INLINE_FRAME else [head + meta, body]
+        if slot is None:
+            worker.send(parts)
+        else:
+            worker.fill(slot, parts)
+
+    def _unpacked(self, worker: Worker, batch: Batch, slot: Any, exc: BaseException) -> None:
+        """A batch that could not be pickled off the loop: it never reaches the worker."""
+        if slot is not None:
+            worker.fill(slot, [])
+        if not worker.alive or batch.jobs[0].batch is not batch:
+            return
+        for job in batch.jobs:
+            worker.jobs.pop(job.seq, None)
+        self._batch_over(worker, batch)
+        if len(batch.jobs) > 1:  # they pickle apart, not together
+            self._requeue(batch.jobs, solo=True)
+        else:
+            self._fail(batch.jobs[0], exc)
+        self._pump()
+
+    def _begin(self, batch: Batch) -> None:
+        """The worker is on ``batch``: its calls start (their timeout clocks run)."""
+        batch.begun = True
+        for job in batch.jobs:
+            if not job.fut.done():
+                job.call.started()
+
+    def _threadsafe(self, callback: Any, *args: Any) -> None:
+        loop = self._loop
+        assert loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(callback, *args)
+
+    # -- answers -----------------------------------------------------------------------------
+
+    def _on_frames(self, worker: Worker, frames: list[Frame]) -> None:
+        for kind, seq, count, seconds, body in frames:
+            if kind in (DONE, SKIP):
+                self._answered(worker, seq, seconds if kind == DONE else None, body)
+            elif kind == READY:
+                worker.ready = True
+                self._start_failures = 0
+                if self._ready is not None and not self._ready.done():
+                    self._ready.set_result(None)
+            elif kind == BAD:
+                self._unloadable(worker, seq, count, body)
+            elif kind == BYE:
+                worker.leaving = True
+        self._pump()
+
+    def _answered(self, worker: Worker, seq: int, seconds: float | None,
+                  body: bytes | bytearray) -> None:
+        job = worker.jobs.pop(seq, None)
+        if job is None:
+            return
+        batch = job.batch
+        assert batch is not None
+        if seconds is not None:
+            self._model.observe(job.key, seconds)
+            if seconds >= SLOW_S:
+                batch.slow = True
+            if not job.fut.done():
+                if len(body) <= INLINE_LOADS_LIMIT:
+                    self._settle(job, body)
+                else:
+                    assert self._helper is not None
+                    self._helper.submit(self._settle_off_loop, job, body)
+        batch.left -= 1
+        if batch.left == 0:
+            self._batch_over(worker, batch)
+
+    def _settle(self, job: Job, body: bytes | bytearray) -> None:
+        try:
+            value = loads_outcome(body)
+        except BaseException as exc:  # the call's own exception
+            self._fail(job, exc)
+        else:
+            if not job.fut.done():
+                job.fut.set_result(value)
+
+    def _settle_off_loop(self, job: Job, body: bytes | bytearray) -> None:
+        try:
+            value, ok = loads_outcome(body), True
+        except BaseException as exc:
+            value, ok = exc, False
+        self._threadsafe(self._settled, job, value, ok)
+
+    def _settled(self, job: Job, value: Any, ok: bool) -> None:
+        if job.fut.done():
+            return
+        if ok:
+            job.fut.set_result(value)
+        else:
+            job.fut.set_exception(value)
+
+    def _batch_over(self, worker: Worker, batch: Batch) -> None:
+        if batch in worker.batches:
+            worker.batches.remove(batch)
+        _shm.release(batch.path)
+        batch.path = None
+        self._model.batch_done(batch)
+        if worker.batches and not worker.batches[0].begun:
+            self._begin(worker.batches[0])
+
+    def _unloadable(self, worker: Worker, seq: int, count: int, body: bytes | bytearray) -> None:
+        """The worker could not unpickle a batch: alone, the call fails with that error;
+        together, each goes again alone."""
+        jobs = [job for i in range(count)
+                if (job := worker.jobs.pop((seq + i) & 0xFFFFFFFF, None)) is not None]
+        if not jobs:
+            return
+        batch = jobs[0].batch
+        assert batch is not None
+        if len(batch.jobs) == 1:
+            self._settle(jobs[0], body)
+        else:
+            self._requeue([job for job in jobs if not job.fut.done()], solo=True)
+        batch.left -= len(jobs)
+        if batch.left <= 0:
+            self._batch_over(worker, batch)
+
+    def _requeue(self, jobs: list[Job], *, solo: bool) -> None:
+        for job in jobs:
+            job.batch = job.worker = None
+            job.solo = job.solo or solo
+        self._pending.extendleft(reversed(jobs))
+
+    @staticmethod
+    def _fail(job: Job, exc: BaseException) -> None:
+        if not job.fut.done():
+            job.fut.set_exception(exc)
+
+    # -- cancel ----------------------------------------------------------------------------
+
+    def _abandon(self, job: Job) -> None:
+        """The task awaiting ``job`` was cancelled: skip it, or kill the worker running it."""
+        worker = job.worker
+        if worker is None or not worker.alive or self._phase is Phase.CLOSED:
+            return  # still in line: the pump drops it
+        assert self._table is not None
+        self._table.cancels[worker.base + job.seq % RING] = 1
+        self._kill_when_started(job, worker, job.seq)
+
+    def _kill_when_started(self, job: Job, worker: Worker, seq: int) -> None:
+        if worker.jobs.get(seq) is not job or not worker.alive:
+            return  # answered (skipped, or finished: the outcome is dropped), or gone
+        assert self._table is not None and self._loop is not None
+        if self._table.states[worker.base + seq % RING] == RUNNING:
+            job.doom = "cancel"
+            logger.debug("killing worker %d running state %r (cancelled)", worker.pid,
+                         job.call.state_name)
+            worker.kill("to stop a cancelled call")
+        else:  # it may be about to start: look again
+            self._loop.call_later(_START_POLL_S, self._kill_when_started, job, worker, seq)
+
+    # -- memory ----------------------------------------------------------------------------
+
+    def _poll_memory(self) -> None:
+        self._memory_timer = None
+        limit, table = self.max_memory, self._table
+        if limit is None or table is None or self._phase is Phase.CLOSED:
+            return
+        busy = False
+        for worker in self._workers:
+            if worker is None or not worker.alive or not worker.jobs:
+                continue
+            busy = True
+            job = next(iter(worker.jobs.values()))  # the earliest unanswered: running or next
+            if table.states[worker.base + job.seq % RING] != RUNNING or job.doom is not None:
+                continue
+            try:
+                rss = psutil.Process(worker.pid).memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > limit:
+                job.doom, job.rss = "memory", rss
+                logger.warning("state %r drove worker %d to %s, past max_memory=%s: killing it",
+                               job.call.state_name, worker.pid, mib(rss), mib(limit))
+                worker.kill("past max_memory")
+        if busy:
+            assert self._loop is not None
+            self._memory_timer = self._loop.call_later(self.memory_poll_interval,
+                                                       self._poll_memory)
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
