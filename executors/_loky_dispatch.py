@@ -90,7 +90,6 @@ class Dispatch:
             self._memory_timer = self._loop.call_later(self.memory_poll_interval,
                                                        self._poll_memory)
 
-
     def _has_head(self) -> bool:
         """Is a call waiting? (Drops the cancelled ones at the head of the line.)"""
         pending = self._pending

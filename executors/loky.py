@@ -248,7 +248,7 @@ class LokyExecutor(Dispatch, Executor):
         code = worker.exitcode if worker.exitcode is not None else -9
         for batch in worker.batches:
             _shm.release(batch.path)
-        jobs = [job for job in worker.jobs.values() if not job.fut.done()]
+        jobs = list(worker.jobs.values())
         worker.jobs.clear()
         worker.batches.clear()
         if self._phase is Phase.CLOSED:
@@ -256,21 +256,19 @@ class LokyExecutor(Dispatch, Executor):
         table = self._table
         assert table is not None
         recycling = worker.leaving and code == 0 and worker.killed_for is None
-        culprits, unstarted = [], []
-        for job in jobs:
-            if table.states[worker.base + job.seq % RING] == RUNNING:
-                culprits.append(job)
-                self._fail(job, self._memory_error(job, worker.pid) if job.doom == "memory"
-                           else self._crash_error(job, worker.pid, code))
-            else:
-                unstarted.append(job)
-        if not culprits and not recycling:  # nobody to blame: each goes alone, a few times
+        running = [job for job in jobs if table.states[worker.base + job.seq % RING] == RUNNING]
+        culprits = [job for job in running if not job.fut.done()]  # not cancelled meanwhile
+        for job in culprits:
+            self._fail(job, self._memory_error(job, worker.pid) if job.doom == "memory"
+                       else self._crash_error(job, worker.pid, code))
+        unstarted = [job for job in jobs if job not in running and not job.fut.done()]
+        blameless = not running and not recycling  # it died between calls, or as it loaded
+        if blameless:  # each goes alone next time, and only a few times
             for job in unstarted:
                 job.reruns += 1
                 if job.reruns > MAX_RERUNS:
                     self._fail(job, self._lost_error(job, worker.pid, code))
-        self._requeue([job for job in unstarted if not job.fut.done()],
-                      solo=not culprits and not recycling)
+        self._requeue([job for job in unstarted if not job.fut.done()], solo=blameless)
         self._log_exit(worker, code, recycling, culprits, len(unstarted))
         if not worker.ready and not recycling:
             self._start_failures += 1
