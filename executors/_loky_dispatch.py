@@ -132,7 +132,10 @@ class Dispatch:
             if packed is None:
                 packed = _shm.pack(calls, inline=False)
                 assert packed is not None
-            _shm.write_buffers(packed, self._dir)
+            if packed.buffers:
+                packed.meta = _shm.write_buffers(packed.buffers, self._dir)
+                packed.path = _shm.meta_path(packed.meta)
+                packed.buffers = []
         except BaseException as exc:  # handed to the loop
             self._threadsafe(self._unpacked, worker, batch, slot, exc)
             return
@@ -185,9 +188,9 @@ class Dispatch:
     # -- answers -----------------------------------------------------------------------------
 
     def _on_frames(self, worker: Worker, frames: list[Frame]) -> None:
-        for kind, seq, count, seconds, body in frames:
+        for kind, seq, count, aux, seconds, body in frames:
             if kind in (DONE, SKIP):
-                self._answered(worker, seq, seconds if kind == DONE else None, body)
+                self._answered(worker, seq, seconds if kind == DONE else None, body, aux)
             elif kind == READY:
                 worker.ready = True
                 self._start_failures = 0
@@ -200,38 +203,53 @@ class Dispatch:
         self._pump()
 
     def _answered(self, worker: Worker, seq: int, seconds: float | None,
-                  body: bytes | bytearray) -> None:
+                  body: bytes | bytearray, meta_len: int = 0) -> None:
         job = worker.jobs.pop(seq, None)
+        if job is None or seconds is None or job.fut.done():
+            if meta_len:  # nobody wants the result: its file goes
+                _shm.release(_shm.meta_path(body[:meta_len]))
+        else:
+            self._model.observe(job.key, seconds)
+            if seconds >= SLOW_S:
+                job.batch.slow = True  # type: ignore[union-attr]
+            if len(body) - meta_len <= INLINE_LOADS_LIMIT:
+                self._settle(job, body, meta_len)
+            else:
+                assert self._helper is not None
+                self._helper.submit(self._settle_off_loop, job, body, meta_len)
         if job is None:
             return
         batch = job.batch
         assert batch is not None
-        if seconds is not None:
-            self._model.observe(job.key, seconds)
-            if seconds >= SLOW_S:
-                batch.slow = True
-            if not job.fut.done():
-                if len(body) <= INLINE_LOADS_LIMIT:
-                    self._settle(job, body)
-                else:
-                    assert self._helper is not None
-                    self._helper.submit(self._settle_off_loop, job, body)
         batch.left -= 1
         if batch.left == 0:
             self._batch_over(worker, batch)
 
-    def _settle(self, job: Job, body: bytes | bytearray) -> None:
+    @staticmethod
+    def _load(body: bytes | bytearray, meta_len: int) -> Any:
+        """The result (or raise the exception) of a ``DONE`` body; a result's file of
+        out-of-band buffers is removed once mapped."""
+        if not meta_len:
+            return loads_outcome(body)
+        meta = body[:meta_len]
         try:
-            value = loads_outcome(body)
+            buffers = _shm.map_buffers(meta)
+        finally:
+            _shm.release(_shm.meta_path(meta))
+        return loads_outcome(memoryview(body)[meta_len:], buffers)
+
+    def _settle(self, job: Job, body: bytes | bytearray, meta_len: int) -> None:
+        try:
+            value = self._load(body, meta_len)
         except BaseException as exc:  # the call's own exception
             self._fail(job, exc)
         else:
             if not job.fut.done():
                 job.fut.set_result(value)
 
-    def _settle_off_loop(self, job: Job, body: bytes | bytearray) -> None:
+    def _settle_off_loop(self, job: Job, body: bytes | bytearray, meta_len: int) -> None:
         try:
-            value, ok = loads_outcome(body), True
+            value, ok = self._load(body, meta_len), True
         except BaseException as exc:
             value, ok = exc, False
         self._threadsafe(self._settled, job, value, ok)
@@ -263,7 +281,7 @@ class Dispatch:
         batch = jobs[0].batch
         assert batch is not None
         if len(batch.jobs) == 1:
-            self._settle(jobs[0], body)
+            self._settle(jobs[0], body, 0)
         else:
             self._requeue([job for job in jobs if not job.fut.done()], solo=True)
         batch.left -= len(jobs)

@@ -29,7 +29,8 @@ from ._loky_worker import FRAME, STOP, SlotTable, worker_main
 
 __all__ = ["Frame", "Worker", "describe_exit", "kill_tree"]
 
-Frame = tuple[int, int, int, float, bytes | bytearray]  # kind, number, count, seconds, body
+Frame = tuple[int, int, int, int, float, bytes | bytearray]  # kind, number, count, meta length,
+#                                                          seconds, body (meta first)
 _CHUNK = 256 * 1024  # bytes read at most per readable event (a big body: 4 MiB)
 _BIG = 1 << 20  # a body this large is read into its own buffer
 _REAP_GRACE_S = 1.0  # a worker that closed its socket and lives on this long is killed
@@ -73,7 +74,7 @@ class Worker:
         self._buf = bytearray()
         self._scratch = bytearray(_CHUNK)  # recv() would allocate (and map) _CHUNK every time
         self._scratch_view = memoryview(self._scratch)
-        self._big: tuple[int, int, int, float, bytearray, int] | None = None
+        self._big: tuple[int, int, int, int, float, bytearray, int] | None = None
         self._reap_timer: asyncio.TimerHandle | None = None
         self._reap_deadline = 0.0
 
@@ -196,7 +197,7 @@ class Worker:
         big = self._big
         try:
             if big is not None:
-                kind, seq, count, seconds, body, got = big
+                kind, seq, count, aux, seconds, body, got = big
                 with memoryview(body) as view:
                     n = self.sock.recv_into(view[got:got + 16 * _CHUNK])
                 if not n:
@@ -204,10 +205,10 @@ class Worker:
                     return None
                 got += n
                 if got < len(body):
-                    self._big = (kind, seq, count, seconds, body, got)
+                    self._big = (kind, seq, count, aux, seconds, body, got)
                     return []
                 self._big = None
-                return [(kind, seq, count, seconds, body)]
+                return [(kind, seq, count, aux, seconds, body)]
             n = self.sock.recv_into(self._scratch)
         except (BlockingIOError, InterruptedError):
             return None
@@ -221,16 +222,16 @@ class Worker:
         frames: list[Frame] = []
         pos, end = 0, len(buf)
         while end - pos >= FRAME.size:
-            kind, seq, count, _, size, seconds = FRAME.unpack_from(buf, pos)
+            kind, seq, count, aux, size, seconds = FRAME.unpack_from(buf, pos)
             start = pos + FRAME.size
             if end - start < size:
                 if size >= _BIG:  # read the rest straight into its own buffer
                     body = bytearray(size)
                     body[:end - start] = buf[start:end]
-                    self._big = (kind, seq, count, seconds, body, end - start)
+                    self._big = (kind, seq, count, aux, seconds, body, end - start)
                     pos = end
                 break
-            frames.append((kind, seq, count, seconds, buf[start:start + size]))
+            frames.append((kind, seq, count, aux, seconds, buf[start:start + size]))
             pos = start + size
         del buf[:pos]
         return frames

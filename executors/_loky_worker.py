@@ -33,6 +33,7 @@ import weakref
 from typing import Any
 
 from ._remote import dumps_error, run_call
+from ._shm import keep_out, map_buffers, write_buffers
 
 __all__ = [
     "BAD",
@@ -116,14 +117,7 @@ def _unlink(path: str) -> None:
 def load_batch(body: bytes | bytearray, meta: bytes | bytearray) -> list[Any]:
     """The calls of a ``BATCH`` body; ``meta`` (when not empty) names the file that holds its
     out-of-band buffers, mapped copy-on-write: the worker reads them without a copy."""
-    if not meta:
-        calls: list[Any] = pickle.loads(body)
-        return calls
-    path, spans = pickle.loads(meta)
-    with open(path, "rb") as file:
-        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
-    view = memoryview(mapped)  # the arrays keep the mapping alive, no longer
-    calls = pickle.loads(body, buffers=[view[start:start + size] for start, size in spans])
+    calls: list[Any] = pickle.loads(body, buffers=map_buffers(meta) if meta else None)
     return calls
 
 
@@ -180,6 +174,9 @@ def worker_main(sock: socket.socket, table_path: str, nslots: int, base: int, ri
     send = sock.sendall
     send(FRAME.pack(READY, os.getpid(), 0, 0, 0, 0.0))
     reader = _Reader(sock)
+    directory = os.path.dirname(table_path)
+    large: list[pickle.PickleBuffer] = []
+    keep = keep_out(large)
     done = 0
     checked = time.perf_counter()
     while (frame := reader.frame()) is not None:
@@ -205,14 +202,17 @@ def worker_main(sock: socket.socket, table_path: str, nslots: int, base: int, ri
             began = time.perf_counter()
             name, fn, args, kwargs = calls[i]
             calls[i] = None
-            outcome = run_call(name, fn, args, kwargs)
+            outcome = run_call(name, fn, args, kwargs, large, keep)
             del fn, args, kwargs  # an out-of-band argument unmaps once its call is over
+            extra = b""
+            if large:  # the result's large buffers go out of band too
+                extra, outcome = _write_out(large, directory, name, outcome)
             elapsed = time.perf_counter() - began
-            head = FRAME.pack(DONE, number, 0, 0, len(outcome), elapsed)
+            head = FRAME.pack(DONE, number, 0, len(extra), len(extra) + len(outcome), elapsed)
             if len(outcome) <= _INLINE_SEND:
-                send(head + outcome)
+                send(head + extra + outcome)
             else:
-                send(head)
+                send(head + extra)
                 send(outcome)
             states[slot] = FINISHED
             done += 1
@@ -222,6 +222,18 @@ def worker_main(sock: socket.socket, table_path: str, nslots: int, base: int, ri
             if max_memory is not None and time.perf_counter() - checked > _MEMORY_CHECK_S:
                 checked = time.perf_counter()
     sock.close()
+
+
+def _write_out(buffers: list[pickle.PickleBuffer], directory: str, name: str,
+               outcome: bytes) -> tuple[bytes, bytes]:
+    """Write a result's large buffers into a file of ``directory``: ``(meta, outcome)``."""
+    try:
+        meta = write_buffers(buffers, directory)
+    except BaseException as exc:  # no room left, say: the call fails with that
+        return b"", dumps_error(name, exc)
+    finally:
+        buffers.clear()
+    return meta, outcome
 
 
 def _should_leave(done: int, max_tasks: int | None, max_memory: int | None, elapsed: float,

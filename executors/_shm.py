@@ -1,21 +1,27 @@
-"""Pickling a batch of calls for the ``"process"`` executor, large buffers out of band.
+"""Pickling for the ``"process"`` executor, large buffers out of band, both ways.
 
-A batch is cloudpickled in one go (the function and what the calls share are pickled once). Any
-buffer of at least ``OOB_MIN`` bytes that offers pickle protocol 5 out-of-band transfer (a numpy
-array, a ``bytearray``, a ``PickleBuffer``) is left out of the stream and written into a file of
-the executor's private temporary directory instead. The worker maps that file copy-on-write and
-unpickles the calls over the mapping (``_loky_worker.load_batch``): it reads the array without a
-copy, and may write to it without touching the parent's. The parent removes the file when the
-batch is over; the directory goes with the executor. Nothing lands in ``/dev/shm``.
+A batch of calls is cloudpickled in one go (the function and what the calls share are pickled
+once). Any buffer of at least ``OOB_MIN`` bytes that offers pickle protocol 5 out-of-band
+transfer (a numpy array, a ``bytearray``, a ``PickleBuffer``), and any ``bytes`` argument that
+large, is left out of the stream and written into a file of the executor's private temporary
+directory instead. The other side maps that file copy-on-write and unpickles over the mapping
+(:func:`map_buffers`): an array arrives without a copy, and may be written to without touching
+the sender's. Results come back the same way: a worker writes the large buffers of a result into
+a file of the same directory. The parent removes an arguments' file when their batch is over and
+a result's file as soon as it has mapped it; the directory goes with the executor. Nothing lands
+in ``/dev/shm``, and the parent never copies a large buffer while it holds the GIL: the kernel
+does, in ``pwrite``. (A large ``bytes`` *result* is the exception: building it is a copy.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import mmap
 import os
 import pickle
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cloudpickle
@@ -23,7 +29,8 @@ import cloudpickle
 from ._remote import INLINE_DUMPS_LIMIT, dumps_call
 from .base import PreparedCall
 
-__all__ = ["OOB_MIN", "Packed", "pack", "release", "write_buffers"]
+__all__ = ["OOB_MIN", "Packed", "keep_out", "map_buffers", "meta_path", "pack", "release",
+           "write_buffers"]
 
 OOB_MIN = 1 << 20  # a buffer this large leaves the pickle stream
 _ALIGN = 64
@@ -49,26 +56,71 @@ class _Capped:
         return view.nbytes
 
 
+def _bytes_from(buffer: Any) -> bytes:
+    """Rebuild a ``bytes`` object that travelled out of band (a copy, on the receiving side)."""
+    return bytes(buffer)
+
+
+class _OutOfBand:
+    """A large ``bytes`` argument, pickled as a protocol 5 buffer (so it may stay out of band;
+    the C pickler never asks about ``bytes``), rebuilt as ``bytes`` on the other side."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return _bytes_from, (pickle.PickleBuffer(self.data),)
+
+
+def _large(value: Any) -> bool:
+    return type(value) is bytes and len(value) >= OOB_MIN
+
+
+def _item(call: PreparedCall) -> tuple[Any, ...]:
+    """What travels of ``call``, its large ``bytes`` arguments wrapped to go out of band."""
+    args, kwargs = call.args, call.kwargs
+    if any(_large(a) for a in args):
+        args = tuple(_OutOfBand(a) if _large(a) else a for a in args)
+    if kwargs and any(_large(v) for v in kwargs.values()):
+        kwargs = {k: _OutOfBand(v) if _large(v) else v for k, v in kwargs.items()}
+    return call.state_name, call.fn, args, kwargs
+
+
+def keep_out(buffers: list[pickle.PickleBuffer]) -> Callable[[pickle.PickleBuffer], bool]:
+    """A ``buffer_callback`` that keeps buffers of ``OOB_MIN`` bytes or more out of band, in
+    ``buffers``."""
+
+    def callback(buffer: pickle.PickleBuffer) -> bool:
+        if memoryview(buffer).nbytes >= OOB_MIN:
+            buffers.append(buffer)
+            return False  # out of band
+        return True
+
+    return callback
+
+
 class Packed:
-    """A pickled batch: ``body`` and the out-of-band ``buffers`` still to write to a file."""
+    """A pickled batch: ``body``, and its out-of-band ``buffers`` until they are written out
+    (then ``meta`` names their file, ``path``)."""
 
     __slots__ = ("body", "buffers", "failed", "meta", "path")
 
-    def __init__(self, body: bytes, buffers: list[pickle.PickleBuffer],
-                 failed: dict[int, BaseException]) -> None:
+    def __init__(self, body: bytes, buffers: list[pickle.PickleBuffer]) -> None:
         self.body = body
         self.buffers = buffers
-        self.failed = failed  # index in the batch -> its SerializationError (left out)
+        self.failed: dict[int, BaseException] = {}  # index in the batch -> SerializationError
         self.meta = b""
         self.path: str | None = None
 
 
 def pack(calls: Sequence[PreparedCall], *, inline: bool) -> Packed | None:
     """Pickle ``calls`` as one list. ``inline=True`` (on the event loop thread) gives up and
-    answers ``None`` past ``INLINE_DUMPS_LIMIT`` bytes of stream. A call that does not pickle
-    is left out: ``None`` takes its place in the list, and ``Packed.failed`` holds the
-    SerializationError that names its part."""
-    items: list[Any] = [(c.state_name, c.fn, c.args, c.kwargs) for c in calls]
+    answers ``None`` past ``INLINE_DUMPS_LIMIT`` bytes of stream (out-of-band buffers do not
+    count: they are not copied). A call that does not pickle is left out: ``None`` takes its
+    place in the list, and ``Packed.failed`` holds the SerializationError that names its part."""
+    items: list[Any] = [_item(c) for c in calls]
     try:
         return _pack(items, inline)
     except _TooBig:
@@ -94,47 +146,53 @@ def pack(calls: Sequence[PreparedCall], *, inline: bool) -> Packed | None:
 
 def _pack(items: list[Any], inline: bool) -> Packed:
     buffers: list[pickle.PickleBuffer] = []
-
-    def keep_out(buffer: pickle.PickleBuffer) -> bool:
-        if memoryview(buffer).nbytes >= OOB_MIN:
-            buffers.append(buffer)
-            return False  # out of band
-        return True
-
-    if inline:
-        sink = _Capped(INLINE_DUMPS_LIMIT)
-        cloudpickle.Pickler(sink, protocol=5, buffer_callback=keep_out).dump(items)
-        return Packed(b"".join(sink.parts), buffers, {})
-    data: bytes = cloudpickle.dumps(items, protocol=5, buffer_callback=keep_out)
-    return Packed(data, buffers, {})
+    sink: Any = _Capped(INLINE_DUMPS_LIMIT) if inline else io.BytesIO()
+    cloudpickle.Pickler(sink, protocol=5, buffer_callback=keep_out(buffers)).dump(items)
+    body = b"".join(sink.parts) if inline else sink.getvalue()
+    return Packed(body, buffers)
 
 
-def write_buffers(packed: Packed, directory: str) -> None:
-    """Write ``packed``'s out-of-band buffers into a new file of ``directory`` (blocking: not on
-    the event loop thread); sets ``packed.path`` and ``packed.meta``."""
-    if not packed.buffers:
-        return
+def write_buffers(buffers: Sequence[pickle.PickleBuffer], directory: str) -> bytes:
+    """Write ``buffers`` into a new file of ``directory``; answer the ``meta`` that
+    :func:`map_buffers` reads them back with. Blocking: never on the event loop thread."""
     fd, path = tempfile.mkstemp(prefix="oob-", dir=directory)
-    packed.path = path
     spans = []
     offset = 0
     try:
-        for buffer in packed.buffers:
+        for buffer in buffers:
             raw = buffer.raw()
             offset += -offset % _ALIGN
             spans.append((offset, raw.nbytes))
             written = 0
-            while written < raw.nbytes:
+            while written < raw.nbytes:  # the kernel copies, without the GIL
                 written += os.pwrite(fd, raw[written:], offset + written)
             offset += raw.nbytes
+    except BaseException:
+        release(path)
+        raise
     finally:
         os.close(fd)
-    packed.buffers = []
-    packed.meta = pickle.dumps((path, spans))
+    return pickle.dumps((path, spans))
+
+
+def meta_path(meta: bytes | bytearray | memoryview) -> str:
+    """The file that ``meta`` names."""
+    path: str = pickle.loads(meta)[0]
+    return path
+
+
+def map_buffers(meta: bytes | bytearray | memoryview) -> list[memoryview]:
+    """The buffers ``meta`` names, as views of their file mapped copy-on-write (the views keep
+    the mapping alive, no longer)."""
+    path, spans = pickle.loads(meta)
+    with open(path, "rb") as file:
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    view = memoryview(mapped)
+    return [view[start:start + size] for start, size in spans]
 
 
 def release(path: str | None) -> None:
-    """Remove a file of out-of-band buffers (a worker that mapped it keeps its mapping)."""
+    """Remove a file of out-of-band buffers (a process that mapped it keeps its mapping)."""
     if path is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

@@ -159,3 +159,25 @@ async def test_a_lazy_array_through_the_manager() -> None:
             assert oob_files(ex) == []
             directory = ex._dir
     assert not os.path.exists(directory)
+
+
+async def test_an_array_result_comes_back_mapped_and_its_file_goes() -> None:
+    async with pool() as ex:
+        result = await ex.run(prepared("make", np.arange, 2**20, None, None, np.float64))
+        assert result.shape == (2**20,) and result[-1] == 2**20 - 1
+        base = result
+        while getattr(base, "base", None) is not None:
+            base = base.base
+        while isinstance(base, memoryview):
+            base = base.obj
+        assert type(base).__name__ == "mmap"  # no copy in the parent
+        result[0] = 7.0  # copy-on-write: writable
+        assert oob_files(ex) == []  # removed as soon as it was mapped
+
+
+async def test_a_large_bytes_argument_travels_out_of_band() -> None:
+    data = bytes(range(256)) * (OOB_MIN // 256 + 1)
+    async with pool() as ex:
+        assert await ex.run(prepared("len", len, data)) == len(data)
+        assert await ex.run(prepared("same", _crashers.identity, data)) == data
+        assert oob_files(ex) == []
