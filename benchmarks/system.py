@@ -43,9 +43,15 @@ def _statepool_revision() -> str | None:
     try:
         out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=5, check=True)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "engine",
+                                "executors"], capture_output=True, text=True, timeout=5,
+                               check=True)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    revision = out.stdout.strip()
+    if revision and dirty.stdout.strip():
+        revision += " with uncommitted changes in engine/ or executors/"
+    return revision or None
 
 
 def machine_info() -> dict[str, Any]:
