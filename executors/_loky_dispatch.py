@@ -212,7 +212,12 @@ class Dispatch:
             self._model.observe(job.key, seconds)
             if seconds >= SLOW_S:
                 job.batch.slow = True  # type: ignore[union-attr]
-            if len(body) - meta_len <= INLINE_LOADS_LIMIT:
+            if not meta_len and len(body) <= INLINE_LOADS_LIMIT:  # the common case, inline
+                try:
+                    job.fut.set_result(loads_outcome(body))
+                except BaseException as exc:  # the call's own exception
+                    job.fut.set_exception(exc)
+            elif len(body) - meta_len <= INLINE_LOADS_LIMIT:
                 self._settle(job, body, meta_len)
             else:
                 assert self._helper is not None

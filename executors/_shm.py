@@ -81,7 +81,7 @@ def _large(value: Any) -> bool:
 def _item(call: PreparedCall) -> tuple[Any, ...]:
     """What travels of ``call``, its large ``bytes`` arguments wrapped to go out of band."""
     args, kwargs = call.args, call.kwargs
-    if any(_large(a) for a in args):
+    if args and any(_large(a) for a in args):
         args = tuple(_OutOfBand(a) if _large(a) else a for a in args)
     if kwargs and any(_large(v) for v in kwargs.values()):
         kwargs = {k: _OutOfBand(v) if _large(v) else v for k, v in kwargs.items()}

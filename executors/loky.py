@@ -225,10 +225,12 @@ class LokyExecutor(Dispatch, Executor):
             and None not in self._workers else self._open()
         assert loop is not None
         job = Job(call, loop.create_future())
-        self._pending.append(job)
+        pending = self._pending
+        pending.append(job)
         if self._pump_handle is None:
-            if any(w is not None and w.usable and not w.batches for w in self._workers):
-                self._pump()  # an idle worker: send it now
+            if len(pending) == 1 and any(
+                    w is not None and w.usable and not w.batches for w in self._workers):
+                self._pump()  # alone, and a worker is idle: send it now
             else:  # the others of this loop iteration go with it
                 self._pump_handle = loop.call_soon(self._pump)
         try:
