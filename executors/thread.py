@@ -1,27 +1,28 @@
 """``"thread"``: plain functions on worker threads, results handed back to the loop in batches.
 
-Short calls share ``max_workers`` slots. A blocking call (``is_blocking=True``) that is still
-running after ``long_after`` seconds gives its slot back, so a service that runs for the life of
-the application never starves the short states queued behind it: it keeps its thread, and the
-pool starts another one for them. A coroutine function sent here runs under its own event loop
-in the thread.
+Calls go straight into one work queue that ``max_workers`` threads drain, as in
+``concurrent.futures.ThreadPoolExecutor``; starts and results come back to the event loop in
+batches (one wake-up of the loop for many calls). A blocking call (``is_blocking=True``) still
+running after ``long_after`` seconds no longer counts against ``max_workers``: the pool starts
+another thread for the calls waiting behind it, so a service that runs for the life of the
+application never starves the short states queued after it. A coroutine function sent here runs
+under its own event loop in the thread.
 
-A thread cannot be killed: a cancelled or timed-out thread state is marked at once, its result is
-discarded and its slot freed, but the thread runs on until the function returns. At shutdown,
-threads that do not finish within ``shutdown_grace`` seconds are abandoned and reported.
+A thread cannot be killed: a cancelled or timed-out thread state is marked at once and its
+result discarded, but the thread runs on until the function returns (the pool replaces it
+meanwhile). At shutdown, threads still busy after ``shutdown_grace`` seconds are abandoned and
+reported.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
 import queue
 import threading
 import time
-from collections import deque
 from typing import Any
 
 from .base import Executor, PreparedCall
@@ -30,17 +31,18 @@ __all__ = ["ThreadExecutor"]
 
 logger = logging.getLogger("engine")
 _ids = itertools.count(1)
+_START, _OK, _ERR = 0, 1, 2
 
 
 class _Item:
-    __slots__ = ("abandoned", "call", "fut", "slot", "started")
+    __slots__ = ("abandoned", "call", "fut", "long", "started")
 
     def __init__(self, call: PreparedCall, fut: asyncio.Future[Any]) -> None:
         self.call = call
         self.fut = fut
-        self.started = 0.0  # monotonic time the thread started it; 0.0 while it has not
-        self.slot = False  # holds one of the max_workers slots
-        self.abandoned = False
+        self.started = 0.0  # monotonic time its thread started it; 0.0 before
+        self.long = False  # counted as a long runner: no longer holds one of max_workers
+        self.abandoned = False  # cancelled or timed out: its outcome is discarded
 
 
 class ThreadExecutor(Executor):
@@ -63,12 +65,13 @@ class ThreadExecutor(Executor):
         self._idle = threading.Semaphore(0)
         self._threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
-        self._pending: deque[_Item] = deque()
-        self._running: set[_Item] = set()
+        self._live: set[_Item] = set()  # put and not finished (loop side)
+        self._running: set[_Item] = set()  # reported started, not finished, not abandoned
         self._orphans: set[_Item] = set()  # abandoned while their thread runs on
-        self._active = 0
-        self._done: list[tuple[_Item, bool, Any]] = []
-        self._done_lock = threading.Lock()
+        self._waiting = 0  # put, not yet reported started, not abandoned
+        self._long = 0  # long runners and orphans still on a thread
+        self._events: list[tuple[_Item, int, Any]] = []
+        self._events_lock = threading.Lock()
         self._drain_scheduled = False
         self._monitor: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -83,79 +86,87 @@ class ThreadExecutor(Executor):
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         item = _Item(call, loop.create_future())
-        if self._active < self.max_workers:
-            self._submit(item)
-        else:
-            self._pending.append(item)
-            self._watch_long_runners()
+        self._live.add(item)
+        self._waiting += 1
+        self._work.put(item)
+        self._add_thread_if_needed()
+        if self._monitor is None:
+            self._monitor = loop.call_later(self.long_after / 2, self._check_long_runners)
         try:
             return await item.fut
         except asyncio.CancelledError:
             self._abandon(item)
             raise
 
-    def _submit(self, item: _Item) -> None:
-        self._active += 1
-        item.slot = True
-        self._running.add(item)
-        item.call.started()
-        self._work.put(item)
-        if not self._idle.acquire(blocking=False):
+    def _add_thread_if_needed(self) -> None:
+        if self._idle.acquire(blocking=False):
+            return  # an idle thread will take it
+        if len(self._threads) < self.max_workers + self._long:
             self._spawn_thread()
 
-    def _release(self, item: _Item) -> None:
-        if item.slot:
-            item.slot = False
-            self._active -= 1
-        pending = self._pending
-        while pending and self._active < self.max_workers:
-            nxt = pending.popleft()
-            if not nxt.fut.done():
-                self._submit(nxt)
-
     def _abandon(self, item: _Item) -> None:
-        if not item.slot and item not in self._running:
-            with contextlib.suppress(ValueError):  # never started: a local operation
-                self._pending.remove(item)
+        if item.abandoned or (item.fut.done() and not item.fut.cancelled()):
             return
         item.abandoned = True
-        self._running.discard(item)
-        self._orphans.add(item)
-        if item.started:
+        self._live.discard(item)
+        if item in self._running:
+            self._running.discard(item)
+            self._orphan(item)
             logger.warning("state %r (%s): abandoned on its thread, which runs on until the "
                            "function returns; its result will be discarded",
                            item.call.state_name, item.call.func_name)
-        self._release(item)
+        else:  # not started (or its start is not drained yet: _drain sorts that out)
+            self._waiting -= 1
+
+    def _orphan(self, item: _Item) -> None:
+        """An abandoned call keeps its thread: let the pool grow past it meanwhile."""
+        self._orphans.add(item)
+        if not item.long:
+            item.long = True
+            self._long += 1
+        if self._waiting > 0:
+            self._add_thread_if_needed()
 
     def _drain(self) -> None:
-        with self._done_lock:
-            done, self._done = self._done, []
+        with self._events_lock:
+            events, self._events = self._events, []
             self._drain_scheduled = False
-        for item, ok, value in done:
+        for item, kind, value in events:
+            if kind == _START:
+                if item.abandoned:  # cancelled before its start reached the loop
+                    self._orphan(item)
+                    continue
+                self._waiting -= 1
+                self._running.add(item)
+                item.call.started()
+                continue
             self._running.discard(item)
-            self._orphans.discard(item)
+            self._live.discard(item)
+            if item.long:
+                item.long = False
+                self._long -= 1
+            if item.abandoned:
+                self._orphans.discard(item)
+                continue
             fut = item.fut
             if not fut.done():
-                if ok:
+                if kind == _OK:
                     fut.set_result(value)
                 else:
                     fut.set_exception(value)
-            self._release(item)
-
-    def _watch_long_runners(self) -> None:
-        if self._monitor is None and self._loop is not None:
-            self._monitor = self._loop.call_later(self.long_after / 2, self._check_long_runners)
 
     def _check_long_runners(self) -> None:
-        """Blocking calls running past ``long_after`` give their slot to pending calls."""
+        """Blocking calls running past ``long_after`` stop counting against ``max_workers``."""
         self._monitor = None
         now = time.monotonic()
-        for item in list(self._running):
-            if item.slot and item.call.is_blocking and item.started \
-                    and now - item.started >= self.long_after:
-                self._release(item)
-        if self._pending:
-            self._watch_long_runners()
+        for item in self._running:
+            if not item.long and item.call.is_blocking and now - item.started >= self.long_after:
+                item.long = True
+                self._long += 1
+                if self._waiting > 0:
+                    self._add_thread_if_needed()
+        if self._live and self._loop is not None and not self._closed:
+            self._monitor = self._loop.call_later(self.long_after / 2, self._check_long_runners)
 
     # -- thread side -----------------------------------------------------------------------
 
@@ -180,22 +191,25 @@ class ThreadExecutor(Executor):
                 return
             if not item.abandoned:
                 item.started = time.monotonic()
-                self._deliver(item, *_call(item.call))
+                self._post(item, _START, None)
+                ok, value = _call(item.call)
+                self._post(item, _OK if ok else _ERR, value)
+                del value
             del item
             self._idle.release()
 
     def _retire(self, force: bool = False) -> bool:
-        """Leave the pool: at shutdown, or when idle with more threads than slots."""
+        """Leave the pool: at shutdown, or when idle with more threads than it needs."""
         with self._threads_lock:
-            if not force and (len(self._threads) <= self.max_workers
+            if not force and (len(self._threads) <= self.max_workers + self._long
                               or not self._idle.acquire(blocking=False)):
                 return False
             self._threads.discard(threading.current_thread())
             return True
 
-    def _deliver(self, item: _Item, ok: bool, value: Any) -> None:
-        with self._done_lock:
-            self._done.append((item, ok, value))
+    def _post(self, item: _Item, kind: int, value: Any) -> None:
+        with self._events_lock:
+            self._events.append((item, kind, value))
             if self._drain_scheduled:
                 return
             self._drain_scheduled = True
@@ -213,10 +227,13 @@ class ThreadExecutor(Executor):
         if self._monitor is not None:
             self._monitor.cancel()
             self._monitor = None
-        while self._pending:
-            self._pending.popleft().fut.cancel()
-        if not cancel and self._running:
-            await asyncio.wait([i.fut for i in self._running])
+        if cancel:
+            for item in list(self._live):
+                if item not in self._running:
+                    item.fut.cancel()
+                    self._abandon(item)
+        elif self._live:
+            await asyncio.wait([i.fut for i in self._live])
         with self._threads_lock:
             threads = list(self._threads)
         for _ in threads:
@@ -225,19 +242,19 @@ class ThreadExecutor(Executor):
         deadline = time.monotonic() + grace
         while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
-        alive = [t for t in threads if t.is_alive()]
-        if alive:
+        if any(t.is_alive() for t in threads):
             names = sorted(i.call.state_name for i in self._running | self._orphans)
             self.abandoned.extend(names)
-            logger.warning("thread executor: %d thread(s) still running after %.1f s grace were "
-                           "abandoned (states: %s)", len(alive), grace, ", ".join(names) or "?")
+            logger.warning("thread executor: %d thread(s) still running after %.1f s grace "
+                           "were abandoned (states: %s)",
+                           sum(t.is_alive() for t in threads), grace, ", ".join(names) or "?")
         for thread in threads:
             if not thread.is_alive():
                 thread.join()
 
     def __repr__(self) -> str:
-        return (f"<ThreadExecutor max_workers={self.max_workers} active={self._active} "
-                f"pending={len(self._pending)} threads={len(self._threads)}>")
+        return (f"<ThreadExecutor max_workers={self.max_workers} waiting={self._waiting} "
+                f"running={len(self._running)} threads={len(self._threads)}>")
 
 
 def _call(call: PreparedCall) -> tuple[bool, Any]:
