@@ -269,7 +269,8 @@ class StateManager:
     def _executor_for(self, state: State) -> Executor:
         """The executor a state runs on; built on first use and shut down with the manager."""
         given = state.executor
-        if isinstance(given, Executor):
+        if given is not None and type(given) is not str:  # an Executor instance
+            assert isinstance(given, Executor)
             self._adopted.add(given)
             return given
         name = state.executor_name

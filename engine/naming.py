@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+from inspect import CO_COROUTINE
+from types import FunctionType
 from typing import Any
 
 __all__ = ["func_name", "is_coroutine_callable"]
@@ -15,6 +17,8 @@ def func_name(func: Any) -> str:
     ``functools.partial`` (nested too) -> the wrapped function's name; bound method ->
     ``Class.method``; lambda -> ``<lambda>`` with its file and line; callable object -> its class.
     """
+    if type(func) is FunctionType and func.__name__ != "<lambda>":
+        return func.__name__  # the common case, fast
     while isinstance(func, functools.partial):
         func = func.func
     if inspect.ismethod(func):
@@ -32,6 +36,8 @@ def func_name(func: Any) -> str:
 
 def is_coroutine_callable(func: Any) -> bool:
     """True for coroutine functions, partials of them and objects with an ``async __call__``."""
+    if type(func) is FunctionType:  # the common case, fast
+        return bool(func.__code__.co_flags & CO_COROUTINE)
     while isinstance(func, functools.partial):
         func = func.func
     if inspect.iscoroutinefunction(func):

@@ -112,6 +112,8 @@ class State:
         return f"State {self.name!r}: field {field!r} {rule}, got {value!r}"
 
     def _sequence(self, field: str, value: Any) -> tuple[Any, ...]:
+        if type(value) is tuple:
+            return value
         if not isinstance(value, (tuple, list)):
             raise TypeError(self._field(field, "must be a tuple or list", value))
         return tuple(value)
@@ -137,14 +139,14 @@ class State:
             if self._is_coro:
                 return "inline"
             return "thread" if self.is_blocking else "inline"
-        if isinstance(executor, Executor):
-            name = executor.name
-        elif isinstance(executor, str):
+        if isinstance(executor, str):
             if not registry.is_known(executor):
                 raise ValueError(self._field(
                     "executor",
                     f"must be one of {', '.join(registry.known_names())} or an Executor", executor))
             name = executor
+        elif isinstance(executor, Executor):
+            name = executor.name
         else:
             raise TypeError(self._field("executor", "must be a name or an Executor", executor))
         if name == "inline" and self.is_blocking and not self._is_coro:
