@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import runpy
 import signal
 import socket
 from collections import deque
@@ -24,8 +25,9 @@ from typing import Any
 import psutil
 from loky.backend.context import get_context
 
+from . import _loky_boot
 from ._loky_batch import Batch, Job
-from ._loky_worker import FRAME, STOP, SlotTable, worker_main
+from ._loky_worker import FRAME, STOP, SlotTable
 
 __all__ = ["Frame", "Worker", "describe_exit", "kill_tree"]
 
@@ -34,6 +36,7 @@ Frame = tuple[int, int, int, int, float, bytes | bytearray]  # kind, number, cou
 _CHUNK = 256 * 1024  # bytes read at most per readable event (a big body: 4 MiB)
 _BIG = 1 << 20  # a body this large is read into its own buffer
 _REAP_GRACE_S = 1.0  # a worker that closed its socket and lives on this long is killed
+_BOOT = _loky_boot.__file__  # the worker's first code (see _loky_boot)
 
 
 class _Slot:
@@ -85,10 +88,11 @@ class Worker:
               max_tasks: int | None, max_memory: int | None) -> Worker:
         """Start a worker process (blocks a few ms: helper thread only)."""
         parent, child = socket.socketpair()
+        args = (child, table.path, table.nslots, base, ring, max_tasks, max_memory)
         try:
-            process = get_context("loky").Process(
-                target=worker_main, name=f"statepool-process-{index}",
-                args=(child, table.path, table.nslots, base, ring, max_tasks, max_memory))
+            process = get_context("loky").Process(  # _loky_boot runs worker_main(*args)
+                target=runpy.run_path, name=f"statepool-process-{index}", args=(_BOOT,),
+                kwargs={"init_globals": {"ARGS": args}, "run_name": _loky_boot.RUN_NAME})
             process.start()
         except BaseException:
             parent.close()

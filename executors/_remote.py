@@ -20,19 +20,23 @@ so that the event loop thread never pickles a large payload.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import pickle
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import cloudpickle
 
-from engine.errors import SerializationError, WorkerCrashedError
-
 from .base import PreparedCall
+
+if TYPE_CHECKING:
+    from engine.errors import WorkerCrashedError
+
+# ``engine`` (its package imports the manager, asyncio, ssl...) and ``asyncio`` are imported
+# where they are needed: a worker process that imports this module to run calls starts faster
+# without them, and rarely needs them (an error that does not pickle, a coroutine function).
 
 __all__ = [
     "INLINE_DUMPS_LIMIT",
@@ -92,6 +96,8 @@ def dumps_call(call: PreparedCall) -> bytes:
     try:
         return _dumps((call.state_name, call.fn, call.args, call.kwargs))
     except Exception as exc:
+        from engine.errors import SerializationError
+
         what, obj = _find_unpicklable(call)
         raise SerializationError(
             f"cannot send state {call.state_name!r} to a worker process: its {what} of type "
@@ -174,6 +180,8 @@ def run_call(state_name: str, fn: Callable[..., Any], args: tuple[Any, ...],
     try:
         result = fn(*args, **kwargs)
         if inspect.isawaitable(result):
+            import asyncio
+
             result = asyncio.run(_await(result))
     except BaseException as exc:
         return _dumps_error(state_name, exc)
@@ -182,6 +190,8 @@ def run_call(state_name: str, fn: Callable[..., Any], args: tuple[Any, ...],
 
 async def run_pickled_async(payload: bytes) -> bytes:
     """:func:`run_pickled` for a worker that already runs an event loop: awaits a coroutine."""
+    import asyncio
+
     state_name = "?"
     try:
         state_name, fn, args, kwargs = pickle.loads(payload)
@@ -220,6 +230,8 @@ def dumps_result(state_name: str, result: object,
                                         buffer_callback=keep_out)
         return data
     except Exception as exc:
+        from engine.errors import SerializationError
+
         if buffers:
             buffers.clear()
         error = SerializationError(
@@ -245,6 +257,8 @@ def _dumps_error(state_name: str, exc: BaseException, tb: str | None = None) -> 
         pickle.loads(data)  # an exception class with a custom __init__ may not rebuild
         return data
     except Exception as pickling_exc:
+        from engine.errors import SerializationError
+
         error = SerializationError(
             f"state {state_name!r} raised {type_name(exc)}({exc}), which cannot be pickled "
             f"back to the parent process ({type(pickling_exc).__name__}: {pickling_exc})"
@@ -253,6 +267,8 @@ def _dumps_error(state_name: str, exc: BaseException, tb: str | None = None) -> 
 
 
 def _crash_for(state_name: str, exc: BaseException) -> WorkerCrashedError:
+    from engine.errors import WorkerCrashedError
+
     if isinstance(exc, SystemExit):
         code = exc.code if isinstance(exc.code, int) or exc.code is None else 1
         return WorkerCrashedError(
@@ -280,6 +296,8 @@ def loads_outcome(data: bytes | bytearray | memoryview,
     try:
         outcome = pickle.loads(data, buffers=buffers)
     except Exception as exc:
+        from engine.errors import SerializationError
+
         raise SerializationError(
             f"the outcome of a worker process ({len(data)} bytes) cannot be unpickled here "
             f"({type(exc).__name__}: {exc})"
@@ -309,6 +327,8 @@ class OffLoop:
 
     async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
         """``fn(*args)`` on the private thread."""
+        import asyncio
+
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread_pool(), fn, *args)
 

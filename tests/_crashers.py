@@ -184,3 +184,17 @@ def exit_holding(arr: Any, code: int = 3) -> None:
     """Kill this worker while an (out-of-band) argument is mapped."""
     if arr.size:
         os._exit(code)
+
+
+def packages_seen() -> tuple[bool, str, str, str]:
+    """In a worker: was asyncio imported before the call, and do ``executors`` and ``engine``
+    work in full when a state's code uses them?"""
+    import sys
+
+    had_asyncio = "asyncio" in sys.modules
+    import engine.errors
+    import executors
+    import executors.base
+
+    return (had_asyncio, executors.ThreadExecutor.__name__, executors.base.PreparedCall.__name__,
+            engine.errors.WorkerCrashedError.__name__)

@@ -135,6 +135,14 @@ def test_functions_of_main_travel(tmp_path: Path) -> None:
     assert done.stdout.split() == ["__main__", "Point", "6"]
 
 
+async def test_a_worker_starts_light_and_the_packages_work_in_it() -> None:
+    async with process_pool(1) as ex:
+        had_asyncio, thread, call, crashed = await ex.run(prepared("seen",
+                                                                   _crashers.packages_seen))
+        assert not had_asyncio  # executors/__init__ (and what it imports) waited until needed
+        assert (thread, call, crashed) == ("ThreadExecutor", "PreparedCall", "WorkerCrashedError")
+
+
 def test_dumps_call_names_the_part_that_does_not_pickle() -> None:
     lock = threading.Lock()
     cases = [
