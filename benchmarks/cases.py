@@ -135,15 +135,23 @@ Row = tuple[str, Callable[[int], Backend], str, "str | None"]
 
 
 def rows(baselines: tuple[str, ...], executors: tuple[str, ...]) -> list[Row]:
-    """``(label, factory, kind, baseline label)`` for the baselines, then the statepool rows.
+    """``(label, factory, kind, baseline label)``: first the baselines that no statepool row is
+    compared with, then each compared baseline followed at once by its statepool row.
 
-    Rows that need ``distributed`` are left out when it is not importable.
+    A statepool row runs right after its baseline so that the two share the machine's state as
+    far as possible (other processes' load drifts over minutes). Rows that need
+    ``distributed`` are left out when it is not importable.
     """
     from .baselines import baseline_factories
 
     found = baseline_factories()
+    mine = statepool_factories(executors)
+    paired = {BASELINE_OF[label] for label in mine}
     out: list[Row] = [(label, found[label], "baseline", None)
-                      for label in baselines if label in found]
-    for label, factory in statepool_factories(executors).items():
-        out.append((label, factory, "statepool", BASELINE_OF[label]))
+                      for label in baselines if label in found and label not in paired]
+    for label, factory in mine.items():
+        base = BASELINE_OF[label]
+        if base in baselines and base in found:
+            out.append((base, found[base], "baseline", None))
+        out.append((label, factory, "statepool", base))
     return out

@@ -61,9 +61,10 @@ def run_case(case: Case, cfg: Config) -> None:
     except Exception as exc:
         _mark(case.figures, error=f"{type(exc).__name__}: {exc}", tb=traceback.format_exc())
         return
-    short = [f.metric for f in case.figures if len(f.repetitions) < cfg.repetitions]
+    short = [f for f in case.figures
+             if not (f.skipped or f.error) and len(f.repetitions) < cfg.repetitions]
     if short:
-        _mark(case.figures, error=f"too few repetitions for {', '.join(short)}")
+        _mark(short, error=f"{len(short[0].repetitions)} of {cfg.repetitions} repetitions")
 
 
 def wait_for_quiet(cfg: Config) -> float | None:

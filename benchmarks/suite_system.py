@@ -16,13 +16,14 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 
 import psutil
 
 from .baselines import Backend
 from .cases import StatepoolBackend, rows
-from .harness import Case, Config, Figure, Runner, now, repeat, templates
+from .harness import Case, Config, Figure, NotAvailable, Runner, now, repeat, templates
 from .noise import descendants
 
 __all__ = ["coldstart_cases", "logging_cases", "memory_cases"]
@@ -33,12 +34,21 @@ _COLD_EXECUTORS = ("process", "aioprocess", "dask")
 
 
 def coldstart_cases(cfg: Config) -> list[Case]:
+    """One case per statepool row and its baseline, their repetitions taken in turn."""
     metrics = [("first result", "ms", False), ("idle pool RSS", "MB", False),
                ("idle pool USS", "MB", False), ("shutdown", "ms", False)]
-    cases = []
+    cases: list[Case] = []
+    factories: dict[str, Callable[[int], Backend]] = {}
     for label, factory, kind, base in rows(_COLD_BASELINES, _COLD_EXECUTORS):
         figs = templates("coldstart", label, kind, base, metrics)
-        cases.append(Case("coldstart", label, figs, _coldstart(cfg, factory)))
+        factories[label] = factory
+        last = cases[-1] if cases else None
+        if kind == "statepool" and last is not None and base is not None \
+                and last.subject == base:
+            cases[-1] = Case("coldstart", f"{base} / {label}", last.figures + figs,
+                             _Coldstart(cfg, [factories[base], factory]))
+        else:
+            cases.append(Case("coldstart", label, figs, _Coldstart(cfg, [factory])))
     return cases
 
 
@@ -76,32 +86,61 @@ def _memory(procs: list[psutil.Process]) -> tuple[int, int]:
     return rss, uss
 
 
-def _coldstart(cfg: Config, factory: Callable[[int], Backend]) -> Runner:
-    counts: list[int] = []
+async def _cold_once(cfg: Config, factory: Callable[[int], Backend]) -> tuple[float, ...]:
+    """A fresh pool: first result (ms), idle RSS and USS (MB), shutdown (ms), processes."""
+    before = {p.pid for p in descendants()}
+    t0 = now()
+    backend = factory(cfg.workers)
+    await backend.open()
+    try:
+        await backend.call("noop")
+        first = now() - t0
+        procs = await _pool_processes(before)
+        rss, uss = _memory(procs)
+    finally:
+        t1 = now()
+        await backend.__aexit__(None, None, None)
+    return first * 1e3, rss / 2**20, uss / 2**20, (now() - t1) * 1e3, float(len(procs))
 
-    async def once() -> tuple[float, float, float, float]:
-        before = {p.pid for p in descendants()}
-        t0 = now()
-        backend = factory(cfg.workers)
-        await backend.open()
-        try:
-            await backend.call("noop")
-            first = now() - t0
-            procs = await _pool_processes(before)
-            rss, uss = _memory(procs)
-            counts.append(len(procs))
-        finally:
-            t1 = now()
-            await backend.__aexit__(None, None, None)
-        return first * 1e3, rss / 2**20, uss / 2**20, (now() - t1) * 1e3
 
-    async def run(figs: list[Figure]) -> None:
-        reps = await repeat(cfg, once)
-        for i, fig in enumerate(figs):
-            fig.repetitions = [r[i] for r in reps]
-            fig.params = {"workers": cfg.workers, "pool_processes": counts[cfg.warmup:]}
+class _Coldstart:
+    """Runs the subjects' repetitions in turn (A B A B ...), so that a change in the machine's
+    load hits both; a subject that is not available or fails leaves the other one running."""
 
-    return run
+    def __init__(self, cfg: Config, factories: list[Callable[[int], Backend]]) -> None:
+        self.cfg, self.factories = cfg, factories
+
+    async def __call__(self, figs: list[Figure]) -> None:
+        cfg, n = self.cfg, len(figs) // len(self.factories)
+        groups = [figs[i * n:(i + 1) * n] for i in range(len(self.factories))]
+        reps: list[list[tuple[float, ...]]] = [[] for _ in self.factories]
+        live = list(range(len(self.factories)))
+        for turn in range(cfg.warmup + cfg.repetitions):
+            for j in list(live):
+                try:
+                    rep = await _cold_once(cfg, self.factories[j])
+                except Exception as exc:
+                    if len(self.factories) == 1:
+                        raise
+                    live.remove(j)
+                    _fail(groups[j], exc)
+                    continue
+                if turn >= cfg.warmup:
+                    reps[j].append(rep)
+        for j in live:
+            for i, fig in enumerate(groups[j]):
+                fig.repetitions = [r[i] for r in reps[j]]
+                fig.params = {"workers": cfg.workers, "interleaved_with_partner": len(live) > 1,
+                              "pool_processes": [int(r[-1]) for r in reps[j]]}
+
+
+def _fail(figs: list[Figure], exc: Exception) -> None:
+    for fig in figs:
+        if isinstance(exc, NotAvailable):
+            fig.skipped = str(exc)
+        else:
+            fig.error = f"{type(exc).__name__}: {exc}"
+            fig.params["traceback"] = "".join(traceback.format_exception(exc))
 
 
 _MEM_SUBJECTS = (
