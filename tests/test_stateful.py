@@ -26,7 +26,7 @@ from engine import (
     StateTimeoutError,
     WorkerCrashedError,
 )
-from executors import AioProcessExecutor, Executor, ThreadExecutor
+from executors import AioProcessExecutor, Executor, LokyExecutor, ThreadExecutor
 
 PROCESS_KINDS = ["aioprocess", "process"]
 
@@ -52,15 +52,9 @@ async def coro_work(i: int, outcome: str) -> int:
 
 
 def build_executors() -> dict[str, Executor]:
-    out: dict[str, Executor] = {"thread": ThreadExecutor(max_workers=2),
-                                "aioprocess": AioProcessExecutor(processes=2)}
-    try:
-        from executors import LokyExecutor
-
-        out["process"] = LokyExecutor(max_workers=2)
-    except (ImportError, AttributeError):  # pragma: no cover - loky backend not built yet
-        pass
-    return out
+    return {"thread": ThreadExecutor(max_workers=2),
+            "aioprocess": AioProcessExecutor(processes=2),
+            "process": LokyExecutor(max_workers=2)}
 
 
 class ManagerMachine(RuleBasedStateMachine):
@@ -87,8 +81,6 @@ class ManagerMachine(RuleBasedStateMachine):
           outcome=st.sampled_from(["ok", "ok", "raise", "slow", "timeout"]),
           blocking=st.booleans(), gated=st.booleans(), retries=st.integers(0, 1))
     def put(self, kind: str, outcome: str, blocking: bool, gated: bool, retries: int) -> None:
-        if kind not in self.executors and kind not in ("inline",):
-            kind = "thread"
         self.counter += 1
         i = self.counter
         is_coro = kind in ("inline", "aioprocess")
