@@ -36,7 +36,8 @@ _MAX_KEYS = 4096  # functions remembered at most (the estimates start over past 
 class Job:
     """One call on its way through the executor (it may be sent more than once)."""
 
-    __slots__ = ("batch", "call", "doom", "fut", "key", "reruns", "rss", "seq", "solo", "worker")
+    __slots__ = ("batch", "call", "doom", "fut", "key", "reruns", "rss", "seq", "solo", "stolen",
+                 "worker")
 
     def __init__(self, call: PreparedCall, fut: asyncio.Future[Any]) -> None:
         self.call = call
@@ -46,6 +47,7 @@ class Job:
         self.batch: Batch | None = None
         self.seq = 0  # its sequence number on that worker
         self.solo = False  # goes alone (its batch could not be loaded, or its worker died)
+        self.stolen = False  # asked back from a worker too slow on its batch, to go elsewhere
         self.reruns = 0  # sent again after its worker died with no call to blame
         self.doom: str | None = None  # why the executor killed its worker: "cancel", "memory"
         self.rss = 0
@@ -57,15 +59,17 @@ class Job:
 class Batch:
     """Calls sent to one worker in one frame, run there in order."""
 
-    __slots__ = ("begun", "fast", "jobs", "left", "path", "slow", "worker")
+    __slots__ = ("begun", "begun_at", "fast", "jobs", "left", "path", "slow", "work", "worker")
 
-    def __init__(self, worker: Worker, jobs: list[Job], fast: bool) -> None:
+    def __init__(self, worker: Worker, jobs: list[Job], fast: bool, work: float) -> None:
         self.worker = worker
         self.jobs = jobs
         self.left = len(jobs)  # calls not answered yet
         self.fast = fast  # its calls were all measured fast
+        self.work = work  # their estimated run time, in seconds (0.0: not known)
         self.slow = False  # one of its calls was measured slow
         self.begun = False  # the worker is on it: its calls' clocks run
+        self.begun_at = 0.0  # since when (loop time)
         self.path: str | None = None  # the file of its out-of-band buffers
 
     def __repr__(self) -> str:
@@ -136,14 +140,14 @@ class CostModel:
         return f"<CostModel {len(self._costs)} functions>"
 
 
-def take(pending: deque[Job], model: CostModel, share: int) -> tuple[list[Job], bool]:
-    """The next batch from the head of ``pending`` (whose head is not done): its jobs, and
-    whether they are all fast."""
+def take(pending: deque[Job], model: CostModel, share: int) -> tuple[list[Job], bool, float]:
+    """The next batch from the head of ``pending`` (whose head is not done): its jobs, whether
+    they are all fast, and their estimated run time."""
     head = pending.popleft()
     costs = model._costs
     cost = costs.get(head.key)
     if head.solo or cost is None or cost.est >= SLOW_S:
-        return [head], False
+        return [head], False, 0.0 if cost is None else cost.est
     limit = min(share, cost.limit, MAX_BATCH)
     jobs = [head]
     total = cost.est
@@ -158,4 +162,4 @@ def take(pending: deque[Job], model: CostModel, share: int) -> tuple[list[Job], 
             break
         jobs.append(pending.popleft())
         total += other.est
-    return jobs, True
+    return jobs, True, total

@@ -33,6 +33,9 @@ logger = logging.getLogger("engine")
 RING = 2 * MAX_BATCH  # slots per worker: the calls of two batches
 _START_POLL_S = 0.005  # how often a cancelled call that has not started yet is looked at
 _INLINE_FRAME = 64 * 1024  # a body up to this size leaves with its header in one write
+STEAL_CHECK_S = 0.01  # while a worker idles, how often the others' batches are looked at
+STEAL_AFTER_S = 0.02  # a batch runs at least this long before its calls are asked back...
+STEAL_FACTOR = 4.0  # ...and this many times its estimated work
 
 
 class Phase(enum.Enum):
@@ -63,6 +66,7 @@ class Dispatch:
         self._model = CostModel()
         self._pump_handle: asyncio.Handle | None = None
         self._memory_timer: asyncio.TimerHandle | None = None
+        self._steal_timer: asyncio.TimerHandle | None = None
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -71,10 +75,15 @@ class Dispatch:
         calls to workers running a batch of fast calls."""
         self._pump_handle = None
         pending = self._pending
-        if self._phase is Phase.CLOSED or not self._has_head():
+        if self._phase is Phase.CLOSED:
             return
+        self._has_head()
         workers = [w for w in self._workers if w is not None and w.usable]
         if not workers:
+            return
+        if not pending:
+            if self._steal_timer is None:
+                self._watch_for_stealing(workers)
             return
         share = -(-len(pending) // len(workers))
         model = self._model
@@ -89,6 +98,8 @@ class Dispatch:
             assert self._loop is not None
             self._memory_timer = self._loop.call_later(self.memory_poll_interval,
                                                        self._poll_memory)
+        if not pending and self._steal_timer is None:
+            self._watch_for_stealing(workers)
 
     def _has_head(self) -> bool:
         """Is a call waiting? (Drops the cancelled ones at the head of the line.)"""
@@ -97,11 +108,11 @@ class Dispatch:
             pending.popleft()
         return bool(pending)
 
-    def _dispatch(self, worker: Worker, jobs: list[Job], fast: bool) -> None:
+    def _dispatch(self, worker: Worker, jobs: list[Job], fast: bool, work: float) -> None:
         """Send ``jobs`` to ``worker`` as one batch."""
         table = self._table
         assert table is not None and self._helper is not None
-        batch = Batch(worker, jobs, fast)
+        batch = Batch(worker, jobs, fast, work)
         self.batches_sent += 1
         self.calls_sent += len(jobs)
         first = worker.seq
@@ -175,6 +186,8 @@ class Dispatch:
     def _begin(self, batch: Batch) -> None:
         """The worker is on ``batch``: its calls start (their timeout clocks run)."""
         batch.begun = True
+        assert self._loop is not None
+        batch.begun_at = self._loop.time()
         for job in batch.jobs:
             if not job.fut.done():
                 job.call.started()
@@ -208,10 +221,16 @@ class Dispatch:
         if job is None or seconds is None or job.fut.done():
             if meta_len:  # nobody wants the result: its file goes
                 _shm.release(_shm.meta_path(body[:meta_len]))
+            if job is None:
+                return
+            batch = job.batch
+            if seconds is None and job.stolen and not job.fut.done():  # skipped: it goes to
+                self._requeue([job], solo=True)  # another worker
         else:
+            batch = job.batch
             self._model.observe(job.key, seconds)
             if seconds >= SLOW_S:
-                job.batch.slow = True  # type: ignore[union-attr]
+                batch.slow = True  # type: ignore[union-attr]
             if not meta_len and len(body) <= INLINE_LOADS_LIMIT:  # the common case, inline
                 try:
                     job.fut.set_result(loads_outcome(body))
@@ -222,9 +241,6 @@ class Dispatch:
             else:
                 assert self._helper is not None
                 self._helper.submit(self._settle_off_loop, job, body, meta_len)
-        if job is None:
-            return
-        batch = job.batch
         assert batch is not None
         batch.left -= 1
         if batch.left == 0:
@@ -297,6 +313,7 @@ class Dispatch:
         for job in jobs:
             job.batch = job.worker = None
             job.solo = job.solo or solo
+            job.stolen = False
         self._pending.extendleft(reversed(jobs))
 
     @staticmethod
@@ -326,6 +343,43 @@ class Dispatch:
             worker.kill("to stop a cancelled call")
         else:  # it may be about to start: look again
             self._loop.call_later(_START_POLL_S, self._kill_when_started, job, worker, seq)
+
+    # -- stealing ----------------------------------------------------------------------------
+
+    def _watch_for_stealing(self, workers: list[Worker]) -> None:
+        """Nothing waits and a worker is idle: look again soon at the batches of fast calls
+        that others still run (a function measured fast may have turned slow)."""
+        if any(not w.batches for w in workers) and any(
+                len(w.batches) > 1 or (w.batches and w.batches[0].left > 1) for w in workers):
+            assert self._loop is not None
+            self._steal_timer = self._loop.call_later(STEAL_CHECK_S, self._steal)
+
+    def _steal(self) -> None:
+        """Ask back the calls not started of a batch that runs far past its estimate (and of
+        the batch behind it): the worker skips them, and they go to idle workers one by one."""
+        self._steal_timer = None
+        workers = [w for w in self._workers if w is not None and w.usable]
+        if self._phase is Phase.CLOSED or self._has_head() or not workers:
+            return
+        table = self._table
+        assert table is not None and self._loop is not None
+        now = self._loop.time()
+        for worker in workers:
+            if not worker.batches or not worker.batches[0].begun:
+                continue
+            first = worker.batches[0]
+            if now - first.begun_at < max(STEAL_FACTOR * first.work, STEAL_AFTER_S):
+                continue
+            waiting = [job for batch in worker.batches for job in batch.jobs
+                       if worker.jobs.get(job.seq) is job and not job.fut.done()]
+            for job in waiting[1:]:  # the first one may be running: it stays
+                if not job.stolen:
+                    job.stolen = True
+                    table.cancels[worker.base + job.seq % RING] = 1
+            if len(waiting) > 1:
+                logger.debug("process worker %d is slow on its batch: %d call(s) it has not "
+                             "started go to other workers", worker.pid, len(waiting) - 1)
+        self._watch_for_stealing(workers)
 
     # -- memory ----------------------------------------------------------------------------
 

@@ -183,7 +183,7 @@ class LokyExecutor(Dispatch, Executor):
             fut.cancel()
         self._phase = Phase.CLOSED
         self._pending.clear()
-        for timer in (self._memory_timer, self._pump_handle):
+        for timer in (self._memory_timer, self._pump_handle, self._steal_timer):
             if timer is not None:
                 timer.cancel()
         if self._ready is not None and not self._ready.done():

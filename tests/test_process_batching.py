@@ -39,9 +39,9 @@ class Spy:
         self.batches: list[tuple[int, list[str]]] = []
         dispatch = ex._dispatch
 
-        def spy(worker: Worker, jobs: list[Job], fast: bool) -> None:
+        def spy(worker: Worker, jobs: list[Job], fast: bool, work: float) -> None:
             self.batches.append((worker.pid, [job.call.state_name for job in jobs]))
-            dispatch(worker, jobs, fast)
+            dispatch(worker, jobs, fast, work)
 
         ex._dispatch = spy  # type: ignore[method-assign]
 
@@ -235,3 +235,27 @@ async def test_cancelling_a_running_call_kills_only_its_worker_the_rest_reruns(
             counts[i] = counts.get(i, 0) + 1
         assert all(counts[i] == 1 for i in range(12)), counts
         assert ex.kills == 1 and ex.crashes == 0
+
+
+# -- a batch that turns out slow ---------------------------------------------------------------
+
+
+async def test_calls_of_a_batch_that_turns_slow_go_to_an_idle_worker(tmp_path: Path) -> None:
+    log = str(tmp_path / "log")
+    async with pool() as (ex, spy):
+        prime(ex, _crashers.logged)  # measured fast...
+        n = 12
+        slow = {2, 3, 4, 5, 6}  # ...but these take 0.3 s, and went in one batch
+        began = time.perf_counter()
+        results = await asyncio.gather(*(ex.run(prepared(
+            names(i), _crashers.logged, log, i, 0.3 if i in slow else 0.0)) for i in range(n)))
+        took = time.perf_counter() - began
+        assert results == [i * 2 for i in range(n)]
+        first_pid, batch = spy.batch_of("c2")
+        assert {"c2", "c3", "c4", "c5", "c6"} <= set(batch), spy.batches
+        lines = _crashers.read_log(log)
+        assert sorted(i for _, i in lines) == list(range(n))  # each ran once
+        ran_on = {pid for pid, i in lines if i in slow}
+        assert len(ran_on) >= 2, "the slow calls all ran on the worker that got them"
+        assert took < 1.4, f"{took:.2f} s: 5 x 0.3 s were not shared"
+        assert ex.crashes == ex.kills == 0
