@@ -17,8 +17,6 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import psutil
-
 from . import _shm
 from ._loky_batch import MAX_BATCH, SLOW_S, Batch, CostModel, Job, take
 from ._loky_pool import Frame, Worker
@@ -26,7 +24,7 @@ from ._loky_worker import BAD, BATCH, BYE, DONE, FRAME, READY, RUNNING, SKIP, Sl
 from ._remote import INLINE_LOADS_LIMIT, loads_outcome
 from .base import PreparedCall
 
-__all__ = ["RING", "Dispatch", "Phase", "mib"]
+__all__ = ["RING", "Dispatch", "Phase"]
 
 logger = logging.getLogger("engine")
 
@@ -47,9 +45,6 @@ class Phase(enum.Enum):
 
 class Dispatch:
     """The waiting line, the workers, the cost model; batches out, answers in."""
-
-    max_memory: int | None
-    memory_poll_interval: float
 
     def __init__(self, max_workers: int) -> None:
         self.batches_sent = 0
@@ -94,10 +89,7 @@ class Dispatch:
             if len(worker.batches) == 1 and worker.batches[0].fast and self._has_head() \
                     and model.head_is_fast(pending):
                 self._dispatch(worker, *take(pending, model, share))
-        if self.max_memory is not None and self._memory_timer is None:
-            assert self._loop is not None
-            self._memory_timer = self._loop.call_later(self.memory_poll_interval,
-                                                       self._poll_memory)
+        self._watch_memory()
         if not pending and self._steal_timer is None:
             self._watch_for_stealing(workers)
 
@@ -381,35 +373,5 @@ class Dispatch:
                              "started go to other workers", worker.pid, len(waiting) - 1)
         self._watch_for_stealing(workers)
 
-    # -- memory ----------------------------------------------------------------------------
-
-    def _poll_memory(self) -> None:
-        self._memory_timer = None
-        limit, table = self.max_memory, self._table
-        if limit is None or table is None or self._phase is Phase.CLOSED:
-            return
-        busy = False
-        for worker in self._workers:
-            if worker is None or not worker.alive or not worker.jobs:
-                continue
-            busy = True
-            job = next(iter(worker.jobs.values()))  # the earliest unanswered: running or next
-            if table.states[worker.base + job.seq % RING] != RUNNING or job.doom is not None:
-                continue
-            try:
-                rss = psutil.Process(worker.pid).memory_info().rss
-            except psutil.Error:
-                continue
-            if rss > limit:
-                job.doom, job.rss = "memory", rss
-                logger.warning("state %r drove worker %d to %s, past max_memory=%s: killing it",
-                               job.call.state_name, worker.pid, mib(rss), mib(limit))
-                worker.kill("past max_memory")
-        if busy:
-            assert self._loop is not None
-            self._memory_timer = self._loop.call_later(self.memory_poll_interval,
-                                                       self._poll_memory)
-
-
-def mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    def _watch_memory(self) -> None:
+        """Calls were sent: a subclass that polls the workers' memory starts now."""

@@ -39,11 +39,13 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import psutil
+
 from engine.errors import WorkerCrashedError
 
 from . import _shm
 from ._loky_batch import Job
-from ._loky_dispatch import RING, Dispatch, Phase, mib
+from ._loky_dispatch import RING, Dispatch, Phase
 from ._loky_pool import Worker, describe_exit, kill_tree
 from ._loky_worker import RUNNING, SlotTable
 from .base import Executor, PreparedCall
@@ -318,8 +320,42 @@ class LokyExecutor(Dispatch, Executor):
         call = job.call
         return WorkerCrashedError(
             f"state {call.state_name!r} ({call.func_name}) drove its worker process {pid} "
-            f"to {mib(job.rss)} of memory, past max_memory={mib(self.max_memory or 0)}: "
+            f"to {_mib(job.rss)} of memory, past max_memory={_mib(self.max_memory or 0)}: "
             "the worker was killed", state_name=call.state_name, exitcode=-9)
+
+    # -- memory ----------------------------------------------------------------------------
+
+    def _watch_memory(self) -> None:
+        if self.max_memory is not None and self._memory_timer is None:
+            assert self._loop is not None
+            self._memory_timer = self._loop.call_later(self.memory_poll_interval,
+                                                       self._poll_memory)
+
+    def _poll_memory(self) -> None:
+        """Kill the worker of a call that drives it past ``max_memory`` while it runs."""
+        self._memory_timer = None
+        limit, table = self.max_memory, self._table
+        if limit is None or table is None or self._phase is Phase.CLOSED:
+            return
+        busy = False
+        for worker in self._workers:
+            if worker is None or not worker.alive or not worker.jobs:
+                continue
+            busy = True
+            job = next(iter(worker.jobs.values()))  # the earliest unanswered: running or next
+            if table.states[worker.base + job.seq % RING] != RUNNING or job.doom is not None:
+                continue
+            try:
+                rss = psutil.Process(worker.pid).memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > limit:
+                job.doom, job.rss = "memory", rss
+                logger.warning("state %r drove worker %d to %s, past max_memory=%s: killing it",
+                               job.call.state_name, worker.pid, _mib(rss), _mib(limit))
+                worker.kill("past max_memory")
+        if busy:
+            self._watch_memory()
 
     # -- introspection -----------------------------------------------------------------------
 
@@ -345,3 +381,7 @@ def _cleanup(procs: dict[int, Any], directory: str) -> None:
 
 def _nothing() -> None:
     return None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
