@@ -8,8 +8,9 @@ it, and costs several thread hops per call. What that buys:
 * **Batches.** Calls measured fast travel many to a frame (``_loky_batch``: adaptive, as
   joblib's auto-batching), pickled in one go, and a worker holds a second batch of fast calls
   while it runs the first, so it never waits for a round trip. A call not measured yet, or
-  measured slow, goes alone and only to an idle worker. Each call answers in its own frame as
-  soon as it ends; the loop reads every frame that arrived in one go.
+  measured slow, goes alone and only to an idle worker; the calls not started of a batch that
+  runs far past its estimate are asked back for idle workers. Each call answers in its own
+  frame as soon as it ends; the loop reads every frame that arrived in one go.
 * **Crash isolation.** A worker that dies (``os._exit``, a signal, a segfault, the OOM killer)
   takes nobody else with it: the call it was running (the slot table says which) fails with
   ``WorkerCrashedError``; the calls it had finished keep their results; the calls it had not
