@@ -60,7 +60,7 @@ class Dispatch:
         self._pending: deque[Job] = deque()
         self._model = CostModel()
         self._pump_handle: asyncio.Handle | None = None
-        self._memory_timer: asyncio.TimerHandle | None = None
+        self._watch_timer: asyncio.TimerHandle | None = None
         self._steal_timer: asyncio.TimerHandle | None = None
 
     # -- sending -----------------------------------------------------------------------------
@@ -89,7 +89,7 @@ class Dispatch:
             if len(worker.batches) == 1 and worker.batches[0].fast and self._has_head() \
                     and model.head_is_fast(pending):
                 self._dispatch(worker, *take(pending, model, share))
-        self._watch_memory()
+        self._watch()
         if not pending and self._steal_timer is None:
             self._watch_for_stealing(workers)
 
@@ -373,5 +373,5 @@ class Dispatch:
                              "started go to other workers", worker.pid, len(waiting) - 1)
         self._watch_for_stealing(workers)
 
-    def _watch_memory(self) -> None:
-        """Calls were sent: a subclass that polls the workers' memory starts now."""
+    def _watch(self) -> None:
+        """Calls were sent: a subclass that watches the busy workers starts now."""

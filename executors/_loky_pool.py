@@ -110,7 +110,7 @@ class Worker:
         self._on_frames, self._on_exit = on_frames, on_exit
         self.exited = loop.create_future()
         loop.add_reader(self.sock.fileno(), self._readable)
-        loop.add_reader(self.process.sentinel, self._died)
+        loop.add_reader(self.process.sentinel, self.died)
 
     @property
     def usable(self) -> bool:
@@ -251,7 +251,9 @@ class Worker:
 
     # -- death ------------------------------------------------------------------------------
 
-    def _died(self) -> None:
+    def died(self) -> None:
+        """It exited (its sentinel says so, or a poll found it reaped): read what it sent
+        before, reap it, report it."""
         loop = self._loop
         assert loop is not None
         loop.remove_reader(self.process.sentinel)

@@ -58,6 +58,7 @@ logger = logging.getLogger("engine")
 MAX_RERUNS = 3  # a call sent again this often after deaths with nobody to blame fails
 MAX_START_FAILURES = 3  # workers in a row that die before they answer: stop trying
 _STOP_TIMEOUT_S = 5.0
+_LIVENESS_S = 1.0  # how often busy workers are checked for a death the sentinel missed
 
 
 class LokyExecutor(Dispatch, Executor):
@@ -186,7 +187,7 @@ class LokyExecutor(Dispatch, Executor):
             fut.cancel()
         self._phase = Phase.CLOSED
         self._pending.clear()
-        for timer in (self._memory_timer, self._pump_handle, self._steal_timer):
+        for timer in (self._watch_timer, self._pump_handle, self._steal_timer):
             if timer is not None:
                 timer.cancel()
         if self._ready is not None and not self._ready.done():
@@ -324,39 +325,43 @@ class LokyExecutor(Dispatch, Executor):
             f"to {_mib(job.rss)} of memory, past max_memory={_mib(self.max_memory or 0)}: "
             "the worker was killed", state_name=call.state_name, exitcode=-9)
 
-    # -- memory ----------------------------------------------------------------------------
+    # -- watching busy workers -------------------------------------------------------------
 
-    def _watch_memory(self) -> None:
-        if self.max_memory is not None and self._memory_timer is None:
+    def _watch(self) -> None:
+        if self._watch_timer is None:
             assert self._loop is not None
-            self._memory_timer = self._loop.call_later(self.memory_poll_interval,
-                                                       self._poll_memory)
+            interval = self.memory_poll_interval if self.max_memory is not None else _LIVENESS_S
+            self._watch_timer = self._loop.call_later(min(interval, _LIVENESS_S), self._tick)
 
-    def _poll_memory(self) -> None:
-        """Kill the worker of a call that drives it past ``max_memory`` while it runs."""
-        self._memory_timer = None
-        limit, table = self.max_memory, self._table
-        if limit is None or table is None or self._phase is Phase.CLOSED:
+    def _tick(self) -> None:
+        """While workers hold calls: notice a death that the sentinel did not tell (a process
+        the call started holds it open), and kill the worker of a call past ``max_memory``."""
+        self._watch_timer = None
+        if self._phase is Phase.CLOSED or self._table is None:
             return
-        busy = False
-        for worker in self._workers:
-            if worker is None or not worker.alive or not worker.jobs:
-                continue
-            busy = True
-            job = next(iter(worker.jobs.values()))  # the earliest unanswered: running or next
-            if table.states[worker.base + job.seq % RING] != RUNNING or job.doom is not None:
-                continue
-            try:
-                rss = psutil.Process(worker.pid).memory_info().rss
-            except psutil.Error:
-                continue
-            if rss > limit:
-                job.doom, job.rss = "memory", rss
-                logger.warning("state %r drove worker %d to %s, past max_memory=%s: killing it",
-                               job.call.state_name, worker.pid, _mib(rss), _mib(limit))
-                worker.kill("past max_memory")
+        busy = [w for w in self._workers if w is not None and w.alive and w.jobs]
+        for worker in busy:
+            if worker.process.exitcode is not None:  # waitpid: it is gone
+                worker.died()
+            elif self.max_memory is not None:
+                self._check_memory(worker, self.max_memory)
         if busy:
-            self._watch_memory()
+            self._watch()
+
+    def _check_memory(self, worker: Worker, limit: int) -> None:
+        job = next(iter(worker.jobs.values()))  # the earliest unanswered: running or next
+        assert self._table is not None
+        if self._table.states[worker.base + job.seq % RING] != RUNNING or job.doom is not None:
+            return
+        try:
+            rss = psutil.Process(worker.pid).memory_info().rss
+        except psutil.Error:
+            return
+        if rss > limit:
+            job.doom, job.rss = "memory", rss
+            logger.warning("state %r drove worker %d to %s, past max_memory=%s: killing it",
+                           job.call.state_name, worker.pid, _mib(rss), _mib(limit))
+            worker.kill("past max_memory")
 
     # -- introspection -----------------------------------------------------------------------
 

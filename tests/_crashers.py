@@ -198,3 +198,17 @@ def packages_seen() -> tuple[bool, str, str, str]:
 
     return (had_asyncio, executors.ThreadExecutor.__name__, executors.base.PreparedCall.__name__,
             engine.errors.WorkerCrashedError.__name__)
+
+
+def fork_then_exit(path: str, code: int = 3) -> None:
+    """Fork a grandchild that keeps this worker's file descriptors (its socket, its sentinel)
+    open for 30 s and writes its PID to ``path``; then kill this worker."""
+    pid = os.fork()
+    if pid == 0:  # the grandchild
+        try:
+            Path(path).write_text(str(os.getpid()))
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    wait_for_pid(path)
+    os._exit(code)

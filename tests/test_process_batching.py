@@ -251,7 +251,7 @@ async def test_calls_of_a_batch_that_turns_slow_go_to_an_idle_worker(tmp_path: P
             names(i), _crashers.logged, log, i, 0.3 if i in slow else 0.0)) for i in range(n)))
         took = time.perf_counter() - began
         assert results == [i * 2 for i in range(n)]
-        first_pid, batch = spy.batch_of("c2")
+        _, batch = spy.batch_of("c2")
         assert {"c2", "c3", "c4", "c5", "c6"} <= set(batch), spy.batches
         lines = _crashers.read_log(log)
         assert sorted(i for _, i in lines) == list(range(n))  # each ran once

@@ -253,6 +253,21 @@ async def test_a_deterministic_crasher_fails_once_and_does_not_loop() -> None:
         assert ex.crashes == 1
 
 
+async def test_a_crash_is_seen_while_a_process_it_started_holds_its_pipes(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "grandchild.pid")
+    async with process_pool(1) as ex:
+        try:
+            began = time.monotonic()
+            with pytest.raises(WorkerCrashedError, match="exit code 3"):
+                await ex.run(prepared("forker", _crashers.fork_then_exit, path))
+            assert time.monotonic() - began < 5.0
+            assert await ex.run(prepared("next", _crashers.identity, 1)) == 1
+        finally:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
+                os.kill(int(Path(path).read_text()), signal.SIGKILL)
+
+
 async def test_a_worker_killed_while_idle_breaks_nothing_visible() -> None:
     async with process_pool(2) as ex:
         for pid in ex.worker_pids():
