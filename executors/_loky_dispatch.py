@@ -73,7 +73,7 @@ class Dispatch:
         if self._phase is Phase.CLOSED:
             return
         self._has_head()
-        workers = [w for w in self._workers if w is not None and w.usable]
+        workers = self._usable()
         if not workers:
             return
         if not pending:
@@ -92,6 +92,13 @@ class Dispatch:
         self._watch()
         if not pending and self._steal_timer is None:
             self._watch_for_stealing(workers)
+
+    def _usable(self) -> list[Worker]:
+        """The workers that may take calls now: the ready ones; at start, while none is ready
+        yet, the starting ones too (the first batch is on its way while they start)."""
+        workers = [w for w in self._workers if w is not None and w.usable]
+        ready = [w for w in workers if w.ready]
+        return ready or workers
 
     def _has_head(self) -> bool:
         """Is a call waiting? (Drops the cancelled ones at the head of the line.)"""
@@ -350,7 +357,7 @@ class Dispatch:
         """Ask back the calls not started of a batch that runs far past its estimate (and of
         the batch behind it): the worker skips them, and they go to idle workers one by one."""
         self._steal_timer = None
-        workers = [w for w in self._workers if w is not None and w.usable]
+        workers = self._usable()
         if self._phase is Phase.CLOSED or self._has_head() or not workers:
             return
         table = self._table

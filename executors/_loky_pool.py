@@ -114,8 +114,9 @@ class Worker:
 
     @property
     def usable(self) -> bool:
-        """It may take new calls."""
-        return self.ready and self.alive and not self.leaving and self.killed_for is None
+        """It may take new calls (once ready; before, when no worker is ready yet: a batch
+        waits in its socket while it starts)."""
+        return self.alive and not self.leaving and self.killed_for is None
 
     # -- writing ----------------------------------------------------------------------------
 

@@ -126,7 +126,7 @@ class LokyExecutor(Dispatch, Executor):
         """Start a worker in every empty place, unless too many died as they started (a new
         call, ``retry``, tries again)."""
         if self._start_failures >= MAX_START_FAILURES:
-            if not retry or self._spawning or any(w is not None for w in self._workers):
+            if not retry:
                 return
             self._start_failures = 0
             if self._ready is not None and self._ready.done():

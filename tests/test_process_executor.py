@@ -322,6 +322,23 @@ async def test_cancelling_a_waiting_call_is_local(tmp_path: Path) -> None:
 # -- the pool ---------------------------------------------------------------------------------
 
 
+async def test_workers_that_cannot_start_fail_the_waiting_calls(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from executors import _loky_pool
+
+    monkeypatch.setattr(_loky_pool, "_BOOT", str(tmp_path / "missing.py"))  # each dies at once
+    ex = LokyExecutor(2)
+    try:
+        with pytest.raises(WorkerCrashedError, match="workers die as they start"):
+            await asyncio.wait_for(ex.run(prepared("doomed", _crashers.identity, 1)), 30)
+        with pytest.raises(WorkerCrashedError):
+            await asyncio.wait_for(ex.start(), 30)
+        monkeypatch.undo()  # the next call tries again, and works
+        assert await asyncio.wait_for(ex.run(prepared("later", _crashers.identity, 2)), 30) == 2
+    finally:
+        await ex.shutdown(cancel=True)
+
+
 def test_defaults_to_the_usable_cores() -> None:
     assert LokyExecutor().max_workers == len(os.sched_getaffinity(0))
     assert isinstance(registry.create("process"), LokyExecutor)
