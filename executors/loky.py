@@ -276,7 +276,8 @@ class LokyExecutor(Dispatch, Executor):
                     self._fail(job, self._lost_error(job, worker.pid, code))
         self._requeue([job for job in unstarted if not job.fut.done()], solo=blameless)
         self._log_exit(worker, code, recycling, culprits, len(unstarted))
-        if not worker.ready and not recycling:
+        if not worker.ready and not recycling and not (code is not None and code < 0):
+            # an error as it starts counts; a signal (a kill from outside) only costs a respawn
             self._start_failures += 1
             if self._start_failures >= MAX_START_FAILURES:
                 self._give_up(f"its workers die as they start ({describe_exit(code)})")
