@@ -11,11 +11,9 @@ from __future__ import annotations
 import abc
 import asyncio
 import concurrent.futures
-import glob
 import importlib.util
 import logging
 import os
-import shutil
 import warnings
 from collections.abc import Callable
 from types import TracebackType
@@ -36,6 +34,7 @@ __all__ = [
     "Serial",
     "baseline_factories",
     "has_dask",
+    "shutdown_joblib",
 ]
 
 Args = tuple[Any, ...]
@@ -271,15 +270,22 @@ class Joblib(Backend):
         return list(jl.Parallel(n_jobs=self.workers)(jl.delayed(fn)(*a) for a in args))
 
     async def close(self) -> None:
-        from joblib.externals.loky import reusable_executor
+        """joblib keeps its worker pool for the life of the process, as it does for a user;
+        ``shutdown_joblib()`` stops it at the end of the run."""
 
-        executor = reusable_executor._executor
-        if executor is not None:
-            await asyncio.to_thread(executor.shutdown, wait=True)
-            reusable_executor._executor = None
-        # joblib leaves one (empty) memmapping folder per call until the interpreter exits
-        for path in glob.glob(f"/dev/shm/joblib_memmapping_folder_{os.getpid()}_*"):
-            shutil.rmtree(path, ignore_errors=True)
+
+def shutdown_joblib() -> None:
+    """Stop joblib's process-wide worker pool, if it started one. Its memmapping folders stay
+    in /dev/shm until its resource tracker removes them when this process exits."""
+    import sys
+
+    if "joblib" not in sys.modules:
+        return
+    from joblib.externals.loky import reusable_executor
+
+    executor = reusable_executor._executor
+    if executor is not None:
+        executor.shutdown(wait=True)
 
 
 def baseline_factories() -> dict[str, Callable[[int], Backend]]:

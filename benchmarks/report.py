@@ -105,10 +105,13 @@ def print_report(out: Console, cfg: Config, machine: dict[str, Any],
     if left:
         out.print(f"[bold red]processes left behind (killed):[/bold red] {left}")
     if shm:
-        out.print(f"[yellow]new in /dev/shm since the start (ours or another process's):"
-                  f"[/yellow] {shm}")
+        out.print(f"[yellow]left in /dev/shm by this run:[/yellow] {shm}")
     if not left and not shm:
         out.print("cleanup: every pool shut down, no child process left, nothing new in /dev/shm")
+    joblib = cleanup.get("shm_removed_at_exit") or []
+    if joblib:
+        out.print(f"/dev/shm: {len(joblib)} joblib memmapping folder(s), which joblib's resource "
+                  "tracker removes when this process exits")
 
 
 def write_json(path: str, cfg: Config, machine: dict[str, Any], figures: Sequence[Figure],

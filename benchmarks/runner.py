@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .baselines import shutdown_joblib
 from .harness import Case, Config, Figure, NotAvailable
 from .noise import Noise, NoiseMeter, descendants
 from .report import console, link_baselines, print_report, write_json
@@ -108,14 +109,21 @@ def _cleanup(shm_before: set[str]) -> dict[str, Any]:
             proc.kill()
         except psutil.Error:
             continue
-    return {"children_left": report, "shm_left": _ours(_shm() - shm_before)}
+    ours = _ours(_shm() - shm_before)
+    joblib = [n for n in ours if n.startswith(_JOBLIB_SHM)]
+    return {"children_left": report, "shm_left": [n for n in ours if n not in joblib],
+            "shm_removed_at_exit": joblib}
+
+
+_JOBLIB_SHM = "joblib_memmapping_folder_"
 
 
 def _ours(names: set[str]) -> list[str]:
     """The /dev/shm names this run made: loky and joblib put the creator's PID in theirs.
 
     Other processes on the machine (tests running beside the benchmark) create entries too;
-    names without our PID cannot be told apart and are not reported.
+    names without our PID cannot be told apart and are not reported. joblib's memmapping
+    folders are removed by its resource tracker when this process exits.
     """
     pid = str(os.getpid())
     return sorted(n for n in names if pid in re.split(r"[-_.]", n))
@@ -157,6 +165,7 @@ def run(cfg: Config, json_path: str | None, plot_dir: str | None) -> int:
                 progress.advance(bar)
             sections[suite] = {"noise": Noise.combine(spans).to_json(), "cases": len(cases)}
     link_baselines(figures)
+    shutdown_joblib()
     cleanup = _cleanup(shm_before)
     duration = time.monotonic() - t0
     print_report(out, cfg, machine, figures, sections, cleanup, duration)
