@@ -173,6 +173,6 @@ class ManagerMachine(RuleBasedStateMachine):
 
 
 ManagerMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("STATEPOOL_STATEFUL_EXAMPLES", "8")),
+    max_examples=int(os.environ.get("STATEPOOL_STATEFUL_EXAMPLES", "20")),
     stateful_step_count=25, deadline=None)
 TestManagerMachine = pytest.mark.timeout(300)(ManagerMachine.TestCase)
