@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import _crashers
+import pytest
 
 from engine.errors import WorkerCrashedError
-from executors import LokyExecutor
+from executors import LokyExecutor, _loky_dispatch
 from executors._loky_batch import MAX_BATCH, SLOW_S, CostModel, Job, cost_key
 from executors._loky_pool import Worker
 from executors.base import PreparedCall
@@ -56,6 +57,13 @@ def prime(ex: LokyExecutor, fn: Callable[..., Any], seconds: float = 1e-5) -> No
     model: CostModel = ex._model
     model.observe(cost_key(fn), seconds)
     model._costs[cost_key(fn)].limit = MAX_BATCH
+
+
+@pytest.fixture
+def no_stealing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For tests that check who ran what by the batches sent: no batch is asked back (on a
+    loaded machine, a batch primed as fast runs past its estimate)."""
+    monkeypatch.setattr(_loky_dispatch, "STEAL_AFTER_S", 3600.0)
 
 
 @contextlib.asynccontextmanager
@@ -122,6 +130,7 @@ async def test_an_unseen_function_goes_alone() -> None:
 # -- a crash inside a batch -------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("no_stealing")
 async def test_a_crash_inside_a_batch_blames_its_call_keeps_the_finished_reruns_the_rest(
         tmp_path: Path) -> None:
     log = str(tmp_path / "log")
@@ -168,6 +177,7 @@ async def test_an_argument_that_kills_its_worker_as_it_loads_fails_alone(
             [i for i in range(n) if i != guilty]
 
 
+@pytest.mark.usefixtures("no_stealing")
 async def test_an_argument_that_does_not_load_fails_only_its_call(tmp_path: Path) -> None:
     log = str(tmp_path / "log")
     async with pool() as (ex, spy):
@@ -200,6 +210,7 @@ async def _batch_behind_a_sleeper(ex: LokyExecutor, log: str, n: int,
     return tasks
 
 
+@pytest.mark.usefixtures("no_stealing")
 async def test_cancelling_a_call_not_started_in_its_batch_skips_it(tmp_path: Path) -> None:
     log = str(tmp_path / "log")
     async with pool() as (ex, spy):
@@ -215,6 +226,7 @@ async def test_cancelling_a_call_not_started_in_its_batch_skips_it(tmp_path: Pat
         assert ex.crashes == ex.kills == 0
 
 
+@pytest.mark.usefixtures("no_stealing")
 async def test_cancelling_a_running_call_kills_only_its_worker_the_rest_reruns(
         tmp_path: Path, pids_gone: Any) -> None:
     log = str(tmp_path / "log")
