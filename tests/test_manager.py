@@ -467,30 +467,6 @@ async def test_stats_snapshot() -> None:
         await svc
 
 
-async def test_handle_awaited_on_another_loop_is_a_clear_error() -> None:
-    gate = asyncio.Event()
-    async with StateManager() as m:
-        handle = await m.put_state(State("elsewhere", lambda: 1, event=gate))
-        errors: list[BaseException] = []
-
-        def other_loop() -> None:
-            async def wait() -> None:
-                await handle
-
-            try:
-                asyncio.run(wait())
-            except BaseException as exc:
-                errors.append(exc)
-
-        thread = threading.Thread(target=other_loop)
-        thread.start()
-        thread.join(5)
-        assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
-        assert "elsewhere" in str(errors[0])
-        gate.set()
-        assert await handle == 1
-
-
 async def test_debug_logging_enter_and_exit(caplog) -> None:
     caplog.set_level(logging.DEBUG, logger="engine")
     async with StateManager() as m:
