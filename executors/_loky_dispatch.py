@@ -122,7 +122,7 @@ class Dispatch:
             table.reset(worker.base + seq % RING)
         worker.seq = (first + len(jobs)) & 0xFFFFFFFF
         worker.batches.append(batch)
-        if len(worker.batches) == 1:
+        if len(worker.batches) == 1 and worker.ready:  # else when it says READY
             self._begin(batch)
         calls = [job.call for job in jobs]
         try:
@@ -206,6 +206,8 @@ class Dispatch:
             elif kind == READY:
                 worker.ready = True
                 self._start_failures = 0
+                if worker.batches and not worker.batches[0].begun:
+                    self._begin(worker.batches[0])
                 if self._ready is not None and not self._ready.done():
                     self._ready.set_result(None)
             elif kind == BAD:
@@ -288,7 +290,7 @@ class Dispatch:
         _shm.release(batch.path)
         batch.path = None
         self._model.batch_done(batch)
-        if worker.batches and not worker.batches[0].begun:
+        if worker.ready and worker.batches and not worker.batches[0].begun:
             self._begin(worker.batches[0])
 
     def _unloadable(self, worker: Worker, seq: int, count: int, body: bytes | bytearray) -> None:

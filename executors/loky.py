@@ -160,6 +160,8 @@ class LokyExecutor(Dispatch, Executor):
         worker.attach(self._loop, self._on_frames, self._on_exit)
         if self._phase is Phase.CLOSED:
             worker.kill("the executor closed")
+        else:
+            self._pump()  # calls waiting for the first worker go now, while it starts
 
     def _give_up(self, why: str) -> None:
         """Workers cannot start: fail what waits (a later ``run()`` tries again)."""

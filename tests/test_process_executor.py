@@ -319,6 +319,19 @@ async def test_cancelling_a_waiting_call_is_local(tmp_path: Path) -> None:
         assert ex.crashes == 0
 
 
+async def test_the_timeout_clock_waits_for_a_starting_worker() -> None:
+    """A cold executor (not pre-warmed): the first state's clock starts once a worker runs it,
+    not while the worker starts (about 0.1 s or more)."""
+    ex = LokyExecutor(1)
+    try:
+        async with StateManager() as manager:
+            handle = await manager.put_state(State("quick", _crashers.identity, True,
+                                                   args=(5,), executor=ex, timeout=0.05))
+            assert await asyncio.wait_for(handle, 30) == 5
+    finally:
+        await ex.shutdown(cancel=True)
+
+
 # -- the pool ---------------------------------------------------------------------------------
 
 
