@@ -94,11 +94,10 @@ class Dispatch:
             self._watch_for_stealing(workers)
 
     def _usable(self) -> list[Worker]:
-        """The workers that may take calls now: the ready ones; at start, while none is ready
-        yet, the starting ones too (the first batch is on its way while they start)."""
-        workers = [w for w in self._workers if w is not None and w.usable]
-        ready = [w for w in workers if w.ready]
-        return ready or workers
+        """The workers that may take calls now: the ready ones. (A call is not sent to a worker
+        that is still starting: two workers started together may take 100 ms apart to be
+        ready, and the call would wait for the slower one.)"""
+        return [w for w in self._workers if w is not None and w.usable and w.ready]
 
     def _has_head(self) -> bool:
         """Is a call waiting? (Drops the cancelled ones at the head of the line.)"""

@@ -85,14 +85,16 @@ class Worker:
 
     @classmethod
     def spawn(cls, index: int, base: int, ring: int, table: SlotTable,
-              max_tasks: int | None, max_memory: int | None) -> Worker:
+              max_tasks: int | None, max_memory: int | None,
+              pycache: str | None = None) -> Worker:
         """Start a worker process (blocks a few ms: helper thread only)."""
         parent, child = socket.socketpair()
         args = (child, table.path, table.nslots, base, ring, max_tasks, max_memory)
         try:
             process = get_context("loky").Process(  # _loky_boot runs worker_main(*args)
                 target=runpy.run_path, name=f"statepool-process-{index}", args=(_BOOT,),
-                kwargs={"init_globals": {"ARGS": args}, "run_name": _loky_boot.RUN_NAME})
+                kwargs={"init_globals": {"ARGS": args, "PYCACHE": pycache},
+                        "run_name": _loky_boot.RUN_NAME})
             process.start()
         except BaseException:
             parent.close()
@@ -114,8 +116,7 @@ class Worker:
 
     @property
     def usable(self) -> bool:
-        """It may take new calls (once ready; before, when no worker is ready yet: a batch
-        waits in its socket while it starts)."""
+        """It may take new calls (once it is ready)."""
         return self.alive and not self.leaving and self.killed_for is None
 
     # -- writing ----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import functools
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +45,7 @@ import psutil
 
 from engine.errors import WorkerCrashedError
 
-from . import _shm
+from . import _loky_boot, _shm
 from ._loky_batch import Job
 from ._loky_dispatch import RING, Dispatch, Phase
 from ._loky_pool import Worker, describe_exit, kill_tree
@@ -94,6 +95,7 @@ class LokyExecutor(Dispatch, Executor):
         self.kills = 0  # workers killed on purpose: cancel, timeout, max_memory
         self.recycled = 0  # workers that left after max_tasks_per_worker or max_memory
         self._spawning: dict[int, asyncio.Future[Worker]] = {}
+        self._pycache: str | None = None  # see _loky_boot.compile_ahead
         self._procs: dict[int, Any] = {}  # pid -> process, for the finalizer
         self._finalizer: weakref.finalize[Any, Any] | None = None
 
@@ -109,6 +111,10 @@ class LokyExecutor(Dispatch, Executor):
             self._table = SlotTable.create(self.max_workers * RING, self._dir)
             self._ready = loop.create_future()
             self._phase = Phase.OPEN
+            if sys.dont_write_bytecode:  # workers would compile their modules: do it once
+                self._pycache = os.path.join(self._dir, "pycache")
+                self._fill()  # the first workers start first, then this, while they start
+                self._helper.submit(_loky_boot.compile_ahead, self._pycache)
         elif self._phase is not Phase.OPEN:
             raise RuntimeError(f"the process executor is {self._phase.value}")
         elif loop is not self._loop:
@@ -140,7 +146,7 @@ class LokyExecutor(Dispatch, Executor):
         assert self._loop is not None and self._helper is not None and self._table is not None
         fut = self._loop.run_in_executor(
             self._helper, Worker.spawn, index, index * RING, RING, self._table,
-            self.max_tasks_per_worker, self.max_memory)
+            self.max_tasks_per_worker, self.max_memory, self._pycache)
         self._spawning[index] = fut
         fut.add_done_callback(functools.partial(self._spawned, index))
 
@@ -160,8 +166,6 @@ class LokyExecutor(Dispatch, Executor):
         worker.attach(self._loop, self._on_frames, self._on_exit)
         if self._phase is Phase.CLOSED:
             worker.kill("the executor closed")
-        else:
-            self._pump()  # calls waiting for the first worker go now, while it starts
 
     def _give_up(self, why: str) -> None:
         """Workers cannot start: fail what waits (a later ``run()`` tries again)."""
@@ -235,7 +239,8 @@ class LokyExecutor(Dispatch, Executor):
         pending.append(job)
         if self._pump_handle is None:
             if len(pending) == 1 and any(
-                    w is not None and w.usable and not w.batches for w in self._workers):
+                    w is not None and w.ready and w.usable and not w.batches
+                    for w in self._workers):
                 self._pump()  # alone, and a worker is idle: send it now
             else:  # the others of this loop iteration go with it
                 self._pump_handle = loop.call_soon(self._pump)
