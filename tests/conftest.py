@@ -70,11 +70,9 @@ def _wait_until(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-d
         time.sleep(0.02)
 
 
-def check_leaks(keep_thread=lambda t: False, shared_pids=set) -> Iterator[None]:  # type: ignore[no-untyped-def]
-    """Around a test: fail it if it leaves a thread or a child process behind.
-
-    ``keep_thread(thread)`` and ``shared_pids()`` name what a module shares across its tests.
-    """
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail a test that leaves a thread or a child process behind."""
     threads_before = set(threading.enumerate())
     children_before = live_children()
     yield
@@ -83,22 +81,15 @@ def check_leaks(keep_thread=lambda t: False, shared_pids=set) -> Iterator[None]:
     StateManager._reset_instance()
 
     def new_threads() -> list[threading.Thread]:
-        return [t for t in threading.enumerate()
-                if t not in threads_before and t.is_alive() and not keep_thread(t)]
+        return [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
 
     def new_children() -> set[int]:
-        return live_children() - children_before - shared_pids()
+        return live_children() - children_before
 
     _wait_until(lambda: not new_threads() and not new_children(), LEAK_GRACE_S)
     threads, children = new_threads(), new_children()
     assert not threads, f"test left threads running: {[t.name for t in threads]}"
     assert not children, f"test left child processes: {sorted(children)}"
-
-
-@pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
-    """Fail a test that leaves a thread or a child process behind."""
-    yield from check_leaks()
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
-from conftest import _wait_until, check_leaks
+from conftest import LEAK_GRACE_S, _wait_until, live_children
 
 from engine import State, StateManager, StateStatus
 from engine.errors import SerializationError, StateTimeoutError, WorkerCrashedError
@@ -114,10 +114,25 @@ _external: list[_ExternalCluster] = []
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     """conftest's check, less the module's CLI cluster and distributed's offload thread."""
-    yield from check_leaks(
-        keep_thread=lambda t: t.name.startswith(SHARED_THREADS),
-        # walked after the children: a worker the CLI cluster's nanny starts meanwhile is its own
-        shared_pids=lambda: set().union(*(c.pids() for c in _external)))
+    threads_before = set(threading.enumerate())
+    children_before = live_children()
+    yield
+    StateManager._reset_instance()
+
+    def new_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t not in threads_before and t.is_alive()
+                and not t.name.startswith(SHARED_THREADS)]
+
+    def new_children() -> set[int]:
+        found = live_children() - children_before
+        # walked after: a worker the CLI cluster's nanny starts meanwhile is counted as its own
+        shared = set().union(*(c.pids() for c in _external))
+        return {pid for pid in found - shared if _alive(pid)}
+
+    _wait_until(lambda: not new_threads() and not new_children(), LEAK_GRACE_S)
+    threads, children = new_threads(), new_children()
+    assert not threads, f"test left threads running: {[t.name for t in threads]}"
+    assert not children, f"test left child processes: {_describe(children)}"
 
 
 def _alive(pid: int) -> bool:
