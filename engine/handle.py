@@ -166,7 +166,13 @@ class StateHandle:
         manager = self._manager
         loop = manager._loop
         self.finished_at = loop.time() if loop is not None else None
-        self._set_status(status)
+        old = self.status
+        counts = manager._counts
+        counts[old.index] -= 1
+        counts[status.index] += 1
+        self.status = status
+        if old is _QUEUED:
+            manager._queued_left()
         waiters = self._waiters
         if waiters:
             self._waiters = None

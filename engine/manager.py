@@ -19,6 +19,7 @@ from executors.base import Executor
 from executors.inline import InlineExecutor
 from executors.thread import ThreadExecutor
 
+from . import eager
 from .errors import ManagerStoppedError, StateTimeoutError
 from .handle import StateHandle, StateStatus
 from .log import log_enter, log_exit, log_failure, log_retry, logger
@@ -30,6 +31,7 @@ __all__ = ["ManagerStats", "StateManager"]
 _QUEUED, _WAITING, _RUNNING = StateStatus.QUEUED, StateStatus.WAITING, StateStatus.RUNNING
 _SUCCEEDED, _FAILED, _CANCELLED = StateStatus.SUCCEEDED, StateStatus.FAILED, StateStatus.CANCELLED
 _HAS_TASK_CONTEXT = sys.version_info >= (3, 11)
+_TURN = 0.005  # seconds the main loop runs eager states before it yields to the event loop
 
 
 class StateManager:
@@ -129,11 +131,20 @@ class StateManager:
         """Queue every state in order; checks them all before queuing any."""
         states = list(states)
         for state in states:
-            self._check_state(state)
+            if type(state) is not State:
+                self._check_state(state)
+        if self._stop_requested and states:
+            self._check_state(states[0])
         loop = self._bind_loop()
         if not self.max_queue:
             now = loop.time()
-            return [self._enqueue(state, loop, now) for state in states]
+            copy_context = contextvars.copy_context
+            handles = [StateHandle(state, self, now, copy_context()) for state in states]
+            self._queue.extend(handles)
+            self._counts[_QUEUED.index] += len(handles)
+            self._unfinished += len(handles)
+            self._wake()
+            return handles
         handles = []
         for state in states:
             await self._wait_for_room(state, loop)
@@ -159,10 +170,13 @@ class StateManager:
         self._counts[_QUEUED.index] += 1
         self._unfinished += 1
         self._queue.append(handle)
+        self._wake()
+        return handle
+
+    def _wake(self) -> None:
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
-        return handle
 
     def _queued_left(self) -> None:
         """A handle left QUEUED: let one waiting producer in."""
@@ -204,19 +218,117 @@ class StateManager:
             self._spawn(self._prewarm(ex), None)
         try:
             queue = self._queue
+            eager_ok = eager.usable(loop)
+            turn, started = loop.time(), 0
+            debug = logger.isEnabledFor(logging.DEBUG)
             while not self._stop_requested:
                 if not queue:
                     self._wakeup = loop.create_future()
                     await self._wakeup
                     self._wakeup = None
+                    turn, started = loop.time(), 0
+                    debug = logger.isEnabledFor(logging.DEBUG)
                     continue
                 handle = queue.popleft()
-                if handle.status is _QUEUED:
+                if handle.status is not _QUEUED:
+                    continue
+                state = handle.state
+                if eager_ok and self._eager(state, debug):
+                    task = self._start_eager(handle, state)
+                    if task is not None and not state.is_blocking:
+                        await self._await_own(task, handle)
+                else:
                     await self._start(handle)
+                started += 1
+                if not started & 63 and loop.time() - turn > _TURN:
+                    await asyncio.sleep(0)  # states that never wait: let the loop breathe
+                    turn = loop.time()
+                    debug = logger.isEnabledFor(logging.DEBUG)
         finally:
             self._wakeup = None
             await self._shutdown()
             self._main_task = None
+
+    def _eager(self, state: State, debug: bool) -> bool:
+        """Whether ``state`` starts eagerly (engine/eager.py): a coroutine state on the inline
+        executor, with no gate, lazy argument, timeout or retry, while DEBUG logging is off."""
+        if not state._is_coro or debug or state.event is not None or state._has_lazy \
+                or state.timeout is not None or state.retries:
+            return False
+        given = state.executor
+        if given is not None and type(given) is not str:
+            return False
+        ex = self._executors.get(state._executor)
+        if ex is None:
+            try:
+                ex = self._executor_for(state)
+            except Exception:  # the ordinary path fails the state with this error
+                return False
+        return type(ex) is InlineExecutor
+
+    def _start_eager(self, handle: StateHandle, state: State) -> eager.EagerTask | None:
+        """Run the state's first step now; return its task if it waits, None if it ended."""
+        loop = self._loop
+        assert loop is not None
+        counts = self._counts
+        counts[_QUEUED.index] -= 1
+        counts[_RUNNING.index] += 1
+        handle.status = _RUNNING
+        if self._put_waiters:
+            self._queued_left()
+        self._running.add(handle)
+        ex_name = handle._executor_name = state._executor
+        self._by_executor[ex_name] += 1
+        handle.attempts = 1
+        handle.started_at = loop.time()
+        task = handle._task = eager.EagerTask.new(loop)
+        if not state.is_blocking:
+            self._current = handle  # a stop signalled from the first step cancels it
+        ended = True
+        try:
+            yielded = eager.first_step(loop, task, handle._ctx, state.func, state.args,
+                                       state.kwargs)
+        except asyncio.CancelledError:
+            handle._finish(_CANCELLED)
+        except Exception as exc:
+            if handle._finish(_FAILED, exc=exc):
+                log_failure(handle, ex_name, exc)
+        else:
+            if yielded is eager.DONE:
+                handle._finish(_SUCCEEDED, task.first_result)
+            else:
+                ended = False
+        finally:
+            self._current = None
+        if ended:
+            handle._task = None
+            if task.awaited():  # done callbacks wait on its task: that task ends now
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            return None
+        runner = self._continue_eager(handle, task, yielded)
+        eager.prime(runner)
+        task.bind(runner, handle._ctx)
+        self._tasks.add(task)
+        return task
+
+    async def _continue_eager(self, handle: StateHandle, task: eager.EagerTask,
+                              yielded: Any) -> None:
+        """The rest of an eagerly started state, in its own task (as ``_run`` would end it)."""
+        try:
+            try:
+                result = await eager.Resume(task, yielded)
+            except asyncio.CancelledError:
+                if handle._finish(_CANCELLED):
+                    raise  # stopped from outside: let the cancellation through
+                return
+            except Exception as exc:
+                if handle._finish(_FAILED, exc=exc):
+                    log_failure(handle, handle._executor_name or "inline", exc)
+                return
+            handle._finish(_SUCCEEDED, result)
+        finally:
+            self._tasks.discard(task)
 
     async def _prewarm(self, ex: Executor) -> None:
         try:

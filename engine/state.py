@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Callable, Mapping, Sequence
+from inspect import CO_COROUTINE
+from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
 from executors import registry
@@ -64,31 +66,41 @@ class State:
         timeout: float | None = None,
         retries: int = 0,
     ) -> None:
-        if not isinstance(name, str) or not name:
+        # Each check has an inline fast path for the common case: a State is built per put.
+        if (type(name) is not str and not isinstance(name, str)) or not name:
             raise ValueError(f"State name must be a non-empty str, got {name!r}")
         self.name = name
-        if not callable(func):
+        if type(func) is FunctionType:
+            self._is_coro = bool(func.__code__.co_flags & CO_COROUTINE)
+            self._func_name = func.__name__ if func.__name__ != "<lambda>" else _func_name(func)
+        elif callable(func):
+            self._is_coro = is_coroutine_callable(func)
+            self._func_name = _func_name(func)
+        else:
             raise TypeError(self._field("func", "must be callable", func))
         self.func = func
-        self.is_blocking = bool(is_blocking)
-        self.lazy_args = self._sequence("lazy_args", lazy_args)
-        self.args = self._sequence("args", args)
-        self.lazy_kwargs = self._mapping("lazy_kwargs", lazy_kwargs)
-        self.kwargs = self._mapping("kwargs", kwargs)
-        if event is not None and event_to_wait is not None:
-            raise ValueError(f"State {name!r}: give 'event' or its alias 'event_to_wait', not both")
-        gate = event if event is not None else event_to_wait
-        if gate is not None and not isinstance(gate, asyncio.Event):
-            raise TypeError(self._field("event", "must be an asyncio.Event", gate))
-        self.event = gate
-        self.timeout = self._timeout(timeout)
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        self.is_blocking = is_blocking = is_blocking is True or bool(is_blocking)
+        self.lazy_args = lazy_args if type(lazy_args) is tuple else self._sequence(
+            "lazy_args", lazy_args)
+        self.args = args if type(args) is tuple else self._sequence("args", args)
+        self.lazy_kwargs = _EMPTY if lazy_kwargs is None else self._mapping(
+            "lazy_kwargs", lazy_kwargs)
+        self.kwargs = _EMPTY if kwargs is None else self._mapping("kwargs", kwargs)
+        if event is None and event_to_wait is None:
+            self.event = None
+        else:
+            self.event = self._gate(event, event_to_wait)
+        self.timeout = None if timeout is None else self._timeout(timeout)
+        if type(retries) is not int or retries < 0:
             raise ValueError(self._field("retries", "must be an int >= 0", retries))
         self.retries = retries
-        self._func_name = _func_name(func)
-        self._is_coro = is_coroutine_callable(func)
         self.executor = executor
-        self._executor = self._executor_name(executor)
+        if executor is None:
+            self._executor = "inline" if self._is_coro or not is_blocking else "thread"
+        elif type(executor) is str and executor == "inline" and (self._is_coro or not is_blocking):
+            self._executor = "inline"
+        else:
+            self._executor = self._executor_name(executor)
         self._has_lazy = bool(self.lazy_args or self.lazy_kwargs)
 
     @property
@@ -124,6 +136,15 @@ class State:
         if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
             raise TypeError(self._field(field, "must be a mapping with str keys", value))
         return dict(value)
+
+    def _gate(self, event: Any, event_to_wait: Any) -> asyncio.Event | None:
+        if event is not None and event_to_wait is not None:
+            raise ValueError(
+                f"State {self.name!r}: give 'event' or its alias 'event_to_wait', not both")
+        gate = event if event is not None else event_to_wait
+        if not isinstance(gate, asyncio.Event):
+            raise TypeError(self._field("event", "must be an asyncio.Event", gate))
+        return gate
 
     def _timeout(self, timeout: Any) -> float | None:
         if timeout is None:
