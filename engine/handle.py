@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from .manager import StateManager
     from .state import State
 
-__all__ = ["TERMINAL", "StateHandle", "StateStatus"]
+__all__ = ["TERMINAL", "SharedContext", "StateHandle", "StateStatus"]
 
 
 class StateStatus(enum.Enum):
@@ -34,7 +34,17 @@ TERMINAL = frozenset({StateStatus.SUCCEEDED, StateStatus.FAILED, StateStatus.CAN
 for _index, _status in enumerate(StateStatus):
     _status.index = _index
     _status.terminal = _status in TERMINAL
-_QUEUED, _CANCELLED = StateStatus.QUEUED, StateStatus.CANCELLED
+_QUEUED, _SUCCEEDED, _CANCELLED = StateStatus.QUEUED, StateStatus.SUCCEEDED, StateStatus.CANCELLED
+
+
+class SharedContext:
+    """The ``contextvars`` context current when a batch of states was put, shared by their handles
+    until each state first runs; then each runs in its own copy (``StateHandle._context``)."""
+
+    __slots__ = ("ctx",)
+
+    def __init__(self, ctx: contextvars.Context) -> None:
+        self.ctx = ctx
 
 
 class StateHandle:
@@ -64,7 +74,7 @@ class StateHandle:
     )
 
     def __init__(self, state: State, manager: StateManager, queued_at: float,
-                 ctx: contextvars.Context) -> None:
+                 ctx: contextvars.Context | SharedContext) -> None:
         self.state = state
         self.status = _QUEUED
         self.attempts = 0
@@ -76,7 +86,7 @@ class StateHandle:
         self._waiters: list[asyncio.Future[None]] | None = None
         self._manager = manager
         self._task: asyncio.Future[Any] | None = None
-        self._ctx = ctx
+        self._ctx: contextvars.Context | SharedContext = ctx
         self._timed_out = False
         self._timer: asyncio.TimerHandle | None = None
         self._executor_name: str | None = None
@@ -91,6 +101,8 @@ class StateHandle:
 
     def result(self) -> Any:
         """The result; raises the state's exception, ``CancelledError`` or ``InvalidStateError``."""
+        if self.status is _SUCCEEDED:
+            return self._result
         if not self.done():
             raise asyncio.InvalidStateError(f"state {self.state.name!r} is not done yet")
         if self.status is _CANCELLED:
@@ -143,6 +155,13 @@ class StateHandle:
 
     # -- engine side -----------------------------------------------------------------------
 
+    def _context(self) -> contextvars.Context:
+        """The state's own context, a copy of the one current when it was put."""
+        ctx = self._ctx
+        if type(ctx) is SharedContext:
+            ctx = self._ctx = ctx.ctx.copy()
+        return ctx  # type: ignore[return-value]
+
     def _set_status(self, status: StateStatus) -> None:
         counts = self._manager._counts
         old = self.status
@@ -164,8 +183,7 @@ class StateHandle:
         self._result = result
         self._exception = exc
         manager = self._manager
-        loop = manager._loop
-        self.finished_at = loop.time() if loop is not None else None
+        self.finished_at = manager._clock()
         old = self.status
         counts = manager._counts
         counts[old.index] -= 1
@@ -179,7 +197,10 @@ class StateHandle:
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
-        manager._handle_done(self)
+        manager._running.discard(self)
+        manager._unfinished -= 1
+        if not manager._unfinished and manager._join_waiters:
+            manager._release_joiners()
         return True
 
     def __repr__(self) -> str:

@@ -9,8 +9,9 @@ import functools
 import logging
 import sys
 import threading
+import time
 from collections import Counter, deque
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import Any, ClassVar
 
@@ -21,7 +22,7 @@ from executors.thread import ThreadExecutor
 
 from . import eager
 from .errors import ManagerStoppedError, StateTimeoutError
-from .handle import StateHandle, StateStatus
+from .handle import SharedContext, StateHandle, StateStatus
 from .log import log_enter, log_exit, log_failure, log_retry, logger
 from .state import State
 from .stats import ManagerStats, snapshot
@@ -66,6 +67,7 @@ class StateManager:
         self.max_queue = max_queue
         self.shutdown_grace = float(shutdown_grace)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._clock: Callable[[], float] = time.monotonic
         self._queue: deque[StateHandle] = deque()
         self._counts: list[int] = [0] * len(StateStatus)  # by StateStatus.index
         self._by_executor: Counter[str] = Counter()
@@ -109,6 +111,9 @@ class StateManager:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
+            # the loop's clock, without a Python call where it is asyncio's own
+            self._clock = (time.monotonic if type(loop).time is asyncio.BaseEventLoop.time
+                           else loop.time)
         elif self._loop is not loop:
             raise RuntimeError("StateManager is bound to another event loop; build one per loop")
         return loop
@@ -137,9 +142,9 @@ class StateManager:
             self._check_state(states[0])
         loop = self._bind_loop()
         if not self.max_queue:
-            now = loop.time()
-            copy_context = contextvars.copy_context
-            handles = [StateHandle(state, self, now, copy_context()) for state in states]
+            now = self._clock()
+            ctx = SharedContext(contextvars.copy_context())  # each state copies it as it starts
+            handles = [StateHandle(state, self, now, ctx) for state in states]
             self._queue.extend(handles)
             self._counts[_QUEUED.index] += len(handles)
             self._unfinished += len(handles)
@@ -187,14 +192,12 @@ class StateManager:
                 fut.set_result(None)
                 return
 
-    def _handle_done(self, handle: StateHandle) -> None:
-        self._running.discard(handle)
-        self._unfinished -= 1
-        if self._unfinished == 0 and self._join_waiters:
-            waiters, self._join_waiters = self._join_waiters, []
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+    def _release_joiners(self) -> None:
+        """Every handle is terminal (``StateHandle._finish`` saw the count reach 0)."""
+        waiters, self._join_waiters = self._join_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     async def join(self) -> None:
         """Wait until the queue is empty and every handle of this manager is terminal."""
@@ -280,13 +283,13 @@ class StateManager:
         ex_name = handle._executor_name = state._executor
         self._by_executor[ex_name] += 1
         handle.attempts = 1
-        handle.started_at = loop.time()
+        handle.started_at = self._clock()
         task = handle._task = eager.EagerTask.new(loop)
         if not state.is_blocking:
             self._current = handle  # a stop signalled from the first step cancels it
         ended = True
         try:
-            yielded = eager.first_step(loop, task, handle._ctx, state.func, state.args,
+            yielded = eager.first_step(loop, task, handle._context(), state.func, state.args,
                                        state.kwargs)
         except asyncio.CancelledError:
             handle._finish(_CANCELLED)
@@ -308,7 +311,7 @@ class StateManager:
             return None
         runner = self._continue_eager(handle, task, yielded)
         eager.prime(runner)
-        task.bind(runner, handle._ctx)
+        task.bind(runner, handle._context())
         self._tasks.add(task)
         return task
 
@@ -368,9 +371,9 @@ class StateManager:
         if handle is None:
             task = loop.create_task(coro)
         elif _HAS_TASK_CONTEXT:
-            task = loop.create_task(coro, context=handle._ctx)  # type: ignore[call-arg]
+            task = loop.create_task(coro, context=handle._context())  # type: ignore[call-arg]
         else:  # pragma: no cover - Python 3.10
-            task = handle._ctx.run(loop.create_task, coro)
+            task = handle._context().run(loop.create_task, coro)
         if handle is not None:
             handle._task = task
         self._tasks.add(task)
