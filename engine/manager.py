@@ -289,8 +289,10 @@ class StateManager:
             self._current = handle  # a stop signalled from the first step cancels it
         ended = True
         try:
-            yielded = eager.first_step(loop, task, handle._context(), state.func, state.args,
-                                       state.kwargs)
+            ctx = handle._ctx
+            if type(ctx) is not contextvars.Context:  # a batch's snapshot: the state's own copy
+                ctx = handle._context()
+            yielded = eager.first_step(loop, task, ctx, state.func, state.args, state.kwargs)
         except asyncio.CancelledError:
             handle._finish(_CANCELLED)
         except Exception as exc:
@@ -305,7 +307,7 @@ class StateManager:
             self._current = None
         if ended:
             handle._task = None
-            if task.awaited():  # done callbacks wait on its task: that task ends now
+            if task._asked is not None and task.awaited():  # callbacks wait on its task
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             return None

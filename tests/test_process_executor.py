@@ -319,15 +319,28 @@ async def test_cancelling_a_waiting_call_is_local(tmp_path: Path) -> None:
         assert ex.crashes == 0
 
 
-async def test_the_timeout_clock_waits_for_a_starting_worker() -> None:
+async def test_the_timeout_clock_waits_for_a_starting_worker(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A cold executor (not pre-warmed): the first state's clock starts once a worker runs it,
-    not while the worker starts (about 0.1 s or more)."""
+    not while the worker starts (made to take 1 s here, well past the state's timeout)."""
+    from executors import _loky_pool
+
+    slow_boot = tmp_path / "slow_boot.py"
+    slow_boot.write_text(textwrap.dedent(f"""
+        import runpy, time
+        time.sleep(1.0)
+        runpy.run_path({_loky_pool._BOOT!r}, run_name=__name__,
+                       init_globals={{"ARGS": ARGS, "PYCACHE": PYCACHE}})
+    """))
+    monkeypatch.setattr(_loky_pool, "_BOOT", str(slow_boot))
     ex = LokyExecutor(1)
     try:
         async with StateManager() as manager:
+            t0 = time.monotonic()
             handle = await manager.put_state(State("quick", _crashers.identity, True,
-                                                   args=(5,), executor=ex, timeout=0.05))
+                                                   args=(5,), executor=ex, timeout=0.5))
             assert await asyncio.wait_for(handle, 30) == 5
+            assert time.monotonic() - t0 > 1.0  # the worker's start took longer than 0.5 s
     finally:
         await ex.shutdown(cancel=True)
 
