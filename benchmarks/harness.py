@@ -8,6 +8,7 @@ with; its ``ratio`` is its median over the baseline's median, in the figure's un
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import statistics
@@ -137,7 +138,16 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 async def repeat(cfg: Config, body: Callable[[], Awaitable[T]]) -> list[T]:
-    """Run ``body`` ``cfg.warmup`` times unrecorded, then ``cfg.repetitions`` times recorded."""
+    """Run ``body`` ``cfg.warmup`` times unrecorded, then ``cfg.repetitions`` times recorded.
+
+    The heap is collected before each run (outside what ``body`` times), so that the garbage one
+    subject left is not charged to the next.
+    """
     for _ in range(cfg.warmup):
+        gc.collect()
         await body()
-    return [await body() for _ in range(cfg.repetitions)]
+    out = []
+    for _ in range(cfg.repetitions):
+        gc.collect()
+        out.append(await body())
+    return out
