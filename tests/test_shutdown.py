@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 import time
 
@@ -16,11 +17,18 @@ TERMINAL = {StateStatus.SUCCEEDED, StateStatus.FAILED, StateStatus.CANCELLED}
 GRACE = 0.5
 
 
+_OWNER = re.compile(r"(?:joblib_memmapping_folder_|loky-)(\d+)[_-]")
+
+
 def shm_entries() -> set[str]:
+    """/dev/shm entries this process may have made: those naming another PID (joblib's folders,
+    loky's semaphores of other processes on a shared machine) are left out."""
     try:
-        return set(os.listdir("/dev/shm"))
+        names = os.listdir("/dev/shm")
     except FileNotFoundError:  # pragma: no cover - no /dev/shm on this system
         return set()
+    mine = str(os.getpid())
+    return {n for n in names if (m := _OWNER.search(n)) is None or m.group(1) == mine}
 
 
 def hung_in_c(seconds: float) -> str:
