@@ -221,22 +221,21 @@ class StateManager:
             self._spawn(self._prewarm(ex), None)
         try:
             queue = self._queue
-            eager_ok = eager.usable(loop)
+            eager_on = self._eager_on(loop)
             turn, started = loop.time(), 0
-            debug = logger.isEnabledFor(logging.DEBUG)
             while not self._stop_requested:
                 if not queue:
                     self._wakeup = loop.create_future()
                     await self._wakeup
                     self._wakeup = None
                     turn, started = loop.time(), 0
-                    debug = logger.isEnabledFor(logging.DEBUG)
+                    eager_on = self._eager_on(loop)
                     continue
                 handle = queue.popleft()
                 if handle.status is not _QUEUED:
                     continue
                 state = handle.state
-                if eager_ok and self._eager(state, debug):
+                if eager_on and self._eager(state):
                     task = self._start_eager(handle, state)
                     if task is not None and not state.is_blocking:
                         await self._await_own(task, handle)
@@ -246,16 +245,22 @@ class StateManager:
                 if not started & 63 and loop.time() - turn > _TURN:
                     await asyncio.sleep(0)  # states that never wait: let the loop breathe
                     turn = loop.time()
-                    debug = logger.isEnabledFor(logging.DEBUG)
+                    eager_on = self._eager_on(loop)
         finally:
             self._wakeup = None
             await self._shutdown()
             self._main_task = None
 
-    def _eager(self, state: State, debug: bool) -> bool:
+    @staticmethod
+    def _eager_on(loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether states may start eagerly now: asked again each turn of the main loop, so that
+        a task factory set or DEBUG logging turned on meanwhile takes effect."""
+        return eager.usable(loop) and not logger.isEnabledFor(logging.DEBUG)
+
+    def _eager(self, state: State) -> bool:
         """Whether ``state`` starts eagerly (engine/eager.py): a coroutine state on the inline
-        executor, with no gate, lazy argument, timeout or retry, while DEBUG logging is off."""
-        if not state._is_coro or debug or state.event is not None or state._has_lazy \
+        executor, with no gate, lazy argument, timeout or retry."""
+        if not state._is_coro or state.event is not None or state._has_lazy \
                 or state.timeout is not None or state.retries:
             return False
         given = state.executor

@@ -331,3 +331,21 @@ def test_eager_start_is_used_on_this_python() -> None:
         assert not eager.usable(loop)  # a custom task factory: the ordinary path
     finally:
         loop.close()
+
+
+async def test_a_task_factory_set_while_the_manager_runs_gets_every_later_state() -> None:
+    loop = asyncio.get_running_loop()
+    made: list[str] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        made.append(type(coro).__name__)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async with StateManager() as m:
+        assert await (await m.put_state(eager_state("before", _answer))) == 42
+        loop.set_task_factory(factory)
+        try:
+            assert await (await m.put_state(eager_state("after", _answer))) == 42
+        finally:
+            loop.set_task_factory(None)
+    assert made == ["coroutine"]  # the state after it: its task came from the factory
