@@ -44,10 +44,12 @@ except (ImportError, AttributeError):  # pragma: no cover - a Python without the
 _swap: Callable[[asyncio.AbstractEventLoop, Any], Any] | None = getattr(
     _tasks, "_swap_current_task", None)
 _current: dict[asyncio.AbstractEventLoop, Any] | None = getattr(_tasks, "_current_tasks", None)
-#: True where eager start works: asyncio's C tasks on CPython 3.11+.
-ENABLED = (sys.version_info >= (3, 11)  # Task(context=...) and uncancel() are 3.11's
-            and _C_TASK is not None and asyncio.Task is _C_TASK
-            and (_swap is not None or isinstance(_current, dict)))
+#: True where eager start is used: asyncio's C tasks on the CPython versions it is tested on
+#: (3.11: Task(context=...) and uncancel() are 3.11's; up to 3.13: the C Task's internals it
+#: relies on are checked by tests/test_eager.py there). Elsewhere states take the ordinary path.
+ENABLED = ((3, 11) <= sys.version_info < (3, 14)
+           and _C_TASK is not None and asyncio.Task is _C_TASK
+           and (_swap is not None or isinstance(_current, dict)))
 _names = itertools.count(1)
 
 

@@ -17,7 +17,7 @@ from engine import State, StateManager, StateStatus, eager
 # What must hold for every coroutine state holds on every Python; the tests marked with this
 # check eager start itself, which needs asyncio's C tasks on CPython 3.11+.
 needs_eager = pytest.mark.skipif(not eager.ENABLED,
-                                 reason="eager start needs asyncio's C tasks (CPython 3.11+)")
+                                 reason="eager start needs asyncio's C tasks (CPython 3.11-3.13)")
 py311 = pytest.mark.skipif(sys.version_info < (3, 11),
                            reason="asyncio.timeout(), TaskGroup and uncancel() are 3.11's")
 
