@@ -91,7 +91,8 @@ class State:
         else:
             self.event = self._gate(event, event_to_wait)
         self.timeout = None if timeout is None else self._timeout(timeout)
-        if type(retries) is not int or retries < 0:
+        if (type(retries) is not int
+                and (isinstance(retries, bool) or not isinstance(retries, int))) or retries < 0:
             raise ValueError(self._field("retries", "must be an int >= 0", retries))
         self.retries = retries
         self.executor = executor
