@@ -7,13 +7,14 @@ file when it runs, or waits for one the test writes. Every wait has a deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,17 @@ def alive(pid: int) -> bool:
         return False
 
 
+@contextlib.asynccontextmanager
+async def started_executor(**options: Any) -> AsyncIterator[AioProcessExecutor]:
+    """An executor with its children started, shut down (``cancel=True``) when the block ends."""
+    ex = AioProcessExecutor(**options)
+    await ex.start()
+    try:
+        yield ex
+    finally:
+        await ex.shutdown(cancel=True)
+
+
 @pytest.fixture
 def files(tmp_path: Path) -> Iterator[Callable[[str], str]]:
     yield lambda name: str(tmp_path / name)
@@ -281,9 +293,7 @@ async def test_coroutines_run_concurrently_in_one_child(tmp_path: Path) -> None:
 
 
 async def test_childconcurrency_bounds_the_calls_a_child_holds(files: Any) -> None:
-    ex = AioProcessExecutor(processes=1, childconcurrency=2)
-    await ex.start()
-    try:
+    async with started_executor(processes=1, childconcurrency=2) as ex:
         started = [asyncio.Event() for _ in range(3)]
         tasks = [asyncio.create_task(ex.run(prepared(
             f"h{i}", held_until, files("release"), i, on_start=started[i].set))) for i in range(3)]
@@ -295,8 +305,6 @@ async def test_childconcurrency_bounds_the_calls_a_child_holds(files: Any) -> No
         results = await asyncio.gather(*tasks)
         assert [value for _, value in results] == [0, 1, 2]
         assert started[2].is_set()
-    finally:
-        await ex.shutdown(cancel=True)
 
 
 async def test_calls_spread_over_the_least_loaded_children(files: Any) -> None:
@@ -335,9 +343,7 @@ async def test_many_calls_with_cancellations_in_line_all_answer() -> None:
 
 
 async def test_round_trip_beats_aiomultiprocess_polling() -> None:
-    ex = AioProcessExecutor(processes=1)
-    await ex.start()
-    try:
+    async with started_executor(processes=1) as ex:
         await ex.run(prepared("warm", add, 0, 0))
         times = []
         for i in range(100):
@@ -346,8 +352,6 @@ async def test_round_trip_beats_aiomultiprocess_polling() -> None:
             times.append(time.perf_counter() - t0)
         median = sorted(times)[len(times) // 2]
         assert median < 0.005, f"median round trip {median * 1e3:.2f} ms (aiomultiprocess: 10-16)"
-    finally:
-        await ex.shutdown(cancel=True)
 
 
 # -- the crash table -------------------------------------------------------------------------------
@@ -384,9 +388,7 @@ CRASHES = {
 
 @pytest.mark.parametrize("case", list(CRASHES.values()), ids=list(CRASHES))
 async def test_crash_table(case: Crash, files: Any) -> None:
-    ex = AioProcessExecutor(processes=2, childconcurrency=4)
-    await ex.start()
-    try:
+    async with started_executor(processes=2, childconcurrency=4) as ex:
         before = set(ex.worker_pids())
         innocent_started = asyncio.Event()
         innocent = asyncio.create_task(ex.run(prepared(
@@ -424,14 +426,10 @@ async def test_crash_table(case: Crash, files: Any) -> None:
         else:
             assert not lost, "the child should have survived"
         assert await ex.run(prepared("next", add, 2, 2)) == 4
-    finally:
-        await ex.shutdown(cancel=True)
 
 
 async def test_crash_fails_every_call_that_shared_the_child(files: Any) -> None:
-    ex = AioProcessExecutor(processes=1, childconcurrency=4)
-    await ex.start()
-    try:
+    async with started_executor(processes=1, childconcurrency=4) as ex:
         started = asyncio.Event()
         sharer = asyncio.create_task(ex.run(prepared(
             "sharer", held_until, files("never"), None, on_start=started.set)))
@@ -444,31 +442,23 @@ async def test_crash_fails_every_call_that_shared_the_child(files: Any) -> None:
         assert "'guilty'" in str(shared.value) and "may have caused it" in str(shared.value)
         assert "'sharer'" in str(guilty.value)
         assert await ex.run(prepared("next", add, 1, 1)) == 2
-    finally:
-        await ex.shutdown(cancel=True)
 
 
 async def test_idle_child_killed_from_outside_is_replaced() -> None:
-    ex = AioProcessExecutor(processes=1)
-    await ex.start()
-    try:
+    async with started_executor(processes=1) as ex:
         (victim,) = ex.worker_pids()
         os.kill(victim, signal.SIGKILL)
         assert await gone([victim])
         assert await wait_for(lambda: len(ex.worker_pids()) == 1 and victim not in
                               ex.worker_pids())
         assert await ex.run(prepared("after", getpid)) != victim
-    finally:
-        await ex.shutdown(cancel=True)
 
 
 # -- cancellation and timeouts ----------------------------------------------------------------
 
 
 async def test_cancel_cancels_the_coroutine_inside_its_child(files: Any) -> None:
-    ex = AioProcessExecutor(processes=1)
-    await ex.start()
-    try:
+    async with started_executor(processes=1) as ex:
         (pid,) = ex.worker_pids()
         task = asyncio.create_task(ex.run(prepared(
             "cancel me", mark_cancellation, files("running"), files("cancelled"))))
@@ -479,17 +469,13 @@ async def test_cancel_cancels_the_coroutine_inside_its_child(files: Any) -> None
         await wait_path(files("cancelled"))  # the work saw its cancellation and stopped
         assert ex.worker_pids() == [pid]  # the child lives on
         assert await ex.run(prepared("next", getpid)) == pid
-    finally:
-        await ex.shutdown(cancel=True)
 
 
 @pytest.mark.parametrize("stubborn", [block_loop, ignore_cancellation])
 async def test_cancel_kills_a_child_that_does_not_stop(
     stubborn: Callable[..., Any], files: Any
 ) -> None:
-    ex = AioProcessExecutor(processes=1, childconcurrency=2, cancel_grace=0.2)
-    await ex.start()
-    try:
+    async with started_executor(processes=1, childconcurrency=2, cancel_grace=0.2) as ex:
         started = asyncio.Event()
         sharer = asyncio.create_task(ex.run(prepared(
             "sharer", held_until, files("release"), "ok", on_start=started.set)))
@@ -503,14 +489,10 @@ async def test_cancel_kills_a_child_that_does_not_stop(
         Path(files("release")).touch()
         sharer_pid, value = await asyncio.wait_for(sharer, DEADLINE_S)  # sent again, succeeds
         assert value == "ok" and sharer_pid != pid
-    finally:
-        await ex.shutdown(cancel=True)
 
 
 async def test_a_call_whose_child_is_killed_too_often_fails(files: Any) -> None:
-    ex = AioProcessExecutor(processes=1, childconcurrency=2, cancel_grace=0.05)
-    await ex.start()
-    try:
+    async with started_executor(processes=1, childconcurrency=2, cancel_grace=0.05) as ex:
         started = asyncio.Event()
         sharer = asyncio.create_task(ex.run(prepared(
             "sharer", held_until, files("never"), None, on_start=started.set)))
@@ -527,27 +509,19 @@ async def test_a_call_whose_child_is_killed_too_often_fails(files: Any) -> None:
         with pytest.raises(WorkerCrashedError,
                            match=f"killed to stop state 'stubborn {MAX_RERUNS}'"):
             await asyncio.wait_for(sharer, DEADLINE_S)
-    finally:
-        await ex.shutdown(cancel=True)
 
 
 async def test_timeout_stops_the_work(files: Any) -> None:
-    ex = AioProcessExecutor(processes=2, cancel_grace=0.1)
-    await ex.start()
-    try:
+    async with started_executor(processes=2, cancel_grace=0.1) as ex:
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(ex.run(prepared("slow", block_loop, files("running"))), 0.5)
         pid = await pid_in(Path(files("running")))
         assert await gone([pid], timeout=3.0)
         assert await ex.run(prepared("next", add, 1, 2)) == 3
-    finally:
-        await ex.shutdown(cancel=True)
 
 
 async def test_cancel_while_waiting_for_a_slot_never_starts(files: Any) -> None:
-    ex = AioProcessExecutor(processes=1, childconcurrency=1)
-    await ex.start()
-    try:
+    async with started_executor(processes=1, childconcurrency=1) as ex:
         first = asyncio.create_task(ex.run(prepared("first", held_until, files("go"), 1)))
         started = asyncio.Event()
         second = asyncio.create_task(ex.run(prepared(
@@ -561,8 +535,6 @@ async def test_cancel_while_waiting_for_a_slot_never_starts(files: Any) -> None:
         Path(files("go")).touch()
         assert (await first)[1] == 1
         assert await ex.run(prepared("third", add, 2, 2)) == 4
-    finally:
-        await ex.shutdown(cancel=True)
 
 
 # -- lifecycle ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -207,6 +207,19 @@ def call(name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> PreparedCa
                         is_coro=asyncio.iscoroutinefunction(fn))
 
 
+@contextlib.asynccontextmanager
+async def releasing(release: pathlib.Path, *args: Any,
+                    **options: Any) -> AsyncIterator[DaskExecutor]:
+    """An executor for calls that spin until ``release`` exists: at the end of the block
+    ``release`` is touched (the spinners stop), then the executor shut down (``cancel=True``)."""
+    ex = DaskExecutor(*args, **options)
+    try:
+        yield ex
+    finally:
+        release.touch()
+        await ex.shutdown(cancel=True)
+
+
 # -- a LocalCluster of its own -----------------------------------------------------------------
 
 
@@ -281,9 +294,8 @@ async def test_worker_death_is_a_crash_of_that_state_only() -> None:
 
 async def test_cancel_running_state_ends_its_worker(tmp_path: pathlib.Path,
                                                    pids_gone: Any) -> None:
-    ex = DaskExecutor(n_workers=2)
     marker, release = tmp_path / "started", tmp_path / "release"
-    try:
+    async with releasing(release, n_workers=2) as ex:
         task = asyncio.ensure_future(ex.run(call("spinner", spin_until, str(release),
                                                   str(marker))))
         await wait_for(marker.exists, 20)
@@ -295,16 +307,12 @@ async def test_cancel_running_state_ends_its_worker(tmp_path: pathlib.Path,
         await wait_for(lambda: len(ex.worker_pids()) == 2 and victim not in ex.worker_pids())
         await n_workers(ex, 2)
         assert await ex.run(call("after", add, 2, 2)) == 4
-    finally:
-        release.touch()
-        await ex.shutdown(cancel=True)
 
 
 async def test_cancelled_pending_state_never_starts(tmp_path: pathlib.Path) -> None:
-    ex = DaskExecutor(n_workers=2)
     release, never = tmp_path / "release", tmp_path / "never"
     markers = [tmp_path / f"busy{i}" for i in range(2)]
-    try:
+    async with releasing(release, n_workers=2) as ex:
         busy = [asyncio.ensure_future(ex.run(call(f"busy{i}", spin_until, str(release),
                                                    str(markers[i])))) for i in range(2)]
         await wait_for(lambda: all(m.exists() for m in markers), 20)
@@ -324,15 +332,11 @@ async def test_cancelled_pending_state_never_starts(tmp_path: pathlib.Path) -> N
         assert await ex.run(call("later", touch, str(tmp_path / "later"))) == str(
             tmp_path / "later")
         assert not never.exists() and starts == []
-    finally:
-        release.touch()
-        await ex.shutdown(cancel=True)
 
 
 async def test_future_cancelled_in_dask_is_asyncio_cancelled(tmp_path: pathlib.Path) -> None:
-    ex = DaskExecutor(n_workers=1)
     release, marker = tmp_path / "release", tmp_path / "started"
-    try:
+    async with releasing(release, n_workers=1) as ex:
         task = asyncio.ensure_future(ex.run(call("victim", spin_until, str(release),
                                                   str(marker))))
         await wait_for(marker.exists, 20)
@@ -340,9 +344,6 @@ async def test_future_cancelled_in_dask_is_asyncio_cancelled(tmp_path: pathlib.P
         await ex.client.cancel([fut], reason="someone else")
         with pytest.raises(asyncio.CancelledError):
             await task
-    finally:
-        release.touch()
-        await ex.shutdown(cancel=True)
 
 
 async def test_large_arguments_are_scattered_once_and_released() -> None:
@@ -502,8 +503,8 @@ async def test_external_cluster_cancel_spares_workers_unless_asked(
         external_cluster: _ExternalCluster, tmp_path: pathlib.Path, pids_gone: Any) -> None:
     for kill in (False, True):
         marker, release = tmp_path / f"started-{kill}", tmp_path / f"release-{kill}"
-        ex = DaskExecutor(external_cluster.address, kill_on_cancel=kill or None)
-        try:
+        async with releasing(release, external_cluster.address,
+                             kill_on_cancel=kill or None) as ex:
             await ex.start()
             await n_workers(ex, 2, 30)
             task = asyncio.ensure_future(ex.run(call(f"spin-{kill}", spin_until, str(release),
@@ -517,6 +518,3 @@ async def test_external_cluster_cancel_spares_workers_unless_asked(
                 assert pids_gone([victim], 5)
             else:  # Dask cannot stop a running task: it runs on, its result dropped
                 assert psutil.pid_exists(victim)
-        finally:
-            release.touch()
-            await ex.shutdown(cancel=True)

@@ -159,16 +159,22 @@ async def test_a_crash_inside_a_batch_blames_its_call_keeps_the_finished_reruns_
         assert await ex.run(prepared("next", _crashers.identity, 1)) == 1
 
 
+async def _one_bad_argument(ex: LokyExecutor, log: str, n: int, guilty: int,
+                            bad: Any) -> list[Any]:
+    """Calls c0..c<n-1>, primed as fast, of which ``guilty`` gets ``bad`` as its argument;
+    every result or exception, in order."""
+    prime(ex, _crashers.logged)
+    return await asyncio.gather(
+        *(ex.run(prepared(names(i), _crashers.logged, log, i, bad if i == guilty else 0.0))
+          for i in range(n)), return_exceptions=True)
+
+
 async def test_an_argument_that_kills_its_worker_as_it_loads_fails_alone(
         tmp_path: Path) -> None:
     log = str(tmp_path / "log")
     async with pool() as (ex, _spy):
-        prime(ex, _crashers.logged)
         n, guilty = 12, 6
-        results = await asyncio.gather(
-            *(ex.run(prepared(names(i), _crashers.logged, log, i,
-                              _crashers.KillsOnLoad() if i == guilty else 0.0))
-              for i in range(n)), return_exceptions=True)
+        results = await _one_bad_argument(ex, log, n, guilty, _crashers.KillsOnLoad())
         assert isinstance(results[guilty], WorkerCrashedError)
         assert "before it could start it" in str(results[guilty])
         assert [r for i, r in enumerate(results) if i != guilty] == \
@@ -181,12 +187,8 @@ async def test_an_argument_that_kills_its_worker_as_it_loads_fails_alone(
 async def test_an_argument_that_does_not_load_fails_only_its_call(tmp_path: Path) -> None:
     log = str(tmp_path / "log")
     async with pool() as (ex, spy):
-        prime(ex, _crashers.logged)
         n, guilty = 12, 6
-        results = await asyncio.gather(
-            *(ex.run(prepared(names(i), _crashers.logged, log, i,
-                              _crashers.Unloadable() if i == guilty else 0.0))
-              for i in range(n)), return_exceptions=True)
+        results = await _one_bad_argument(ex, log, n, guilty, _crashers.Unloadable())
         assert isinstance(results[guilty], ValueError)
         assert "refuses to load" in str(results[guilty])
         assert [r for i, r in enumerate(results) if i != guilty] == \
