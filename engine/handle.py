@@ -8,6 +8,8 @@ import enum
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
+from .log import log_failure
+
 if TYPE_CHECKING:
     from .manager import StateManager
     from .state import State
@@ -34,7 +36,8 @@ TERMINAL = frozenset({StateStatus.SUCCEEDED, StateStatus.FAILED, StateStatus.CAN
 for _index, _status in enumerate(StateStatus):
     _status.index = _index
     _status.terminal = _status in TERMINAL
-_QUEUED, _SUCCEEDED, _CANCELLED = StateStatus.QUEUED, StateStatus.SUCCEEDED, StateStatus.CANCELLED
+_QUEUED, _SUCCEEDED, _FAILED, _CANCELLED = (
+    StateStatus.QUEUED, StateStatus.SUCCEEDED, StateStatus.FAILED, StateStatus.CANCELLED)
 
 
 class SharedContext:
@@ -161,6 +164,21 @@ class StateHandle:
         if type(ctx) is SharedContext:
             ctx = self._ctx = ctx.ctx.copy()
         return ctx  # type: ignore[return-value]
+
+    def _started(self) -> None:
+        """Its call started on a thread (``StateManager._start_on_thread``)."""
+        self.started_at = self._manager._clock()
+
+    def _ended_on_thread(self, ok: bool, value: Any) -> None:
+        """The outcome of a call ``StateManager._start_on_thread`` gave a thread (loop thread)."""
+        if ok:
+            self._finish(_SUCCEEDED, value)
+        elif isinstance(value, asyncio.CancelledError):
+            self._finish(_CANCELLED)
+        elif self._finish(_FAILED, exc=value):
+            log_failure(self, self._executor_name or "thread", value)
+            if not isinstance(value, Exception):  # SystemExit, KeyboardInterrupt: as in a task
+                raise value
 
     def _set_status(self, status: StateStatus) -> None:
         counts = self._manager._counts

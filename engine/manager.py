@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any, ClassVar
 
 from executors import registry
-from executors.base import Executor
+from executors.base import Executor, PreparedCall
 from executors.inline import InlineExecutor
 from executors.thread import ThreadExecutor
 
@@ -217,8 +217,8 @@ class StateManager:
             raise ManagerStoppedError("process_states(): this manager has stopped")
         loop = self._bind_loop()
         self._main_task = asyncio.current_task()
-        for ex in self._configured:
-            self._spawn(self._prewarm(ex), None)
+        for configured in self._configured:
+            self._spawn(self._prewarm(configured), None)
         try:
             queue = self._queue
             eager_on = self._eager_on(loop)
@@ -235,10 +235,18 @@ class StateManager:
                 if handle.status is not _QUEUED:
                     continue
                 state = handle.state
-                if eager_on and self._eager(state):
-                    task = self._start_eager(handle, state)
-                    if task is not None and not state.is_blocking:
-                        await self._await_own(task, handle)
+                if eager_on and self._plain(state):
+                    ex: Executor | None = self._executors.get(state._executor)
+                    if ex is None:
+                        ex = self._try_executor_for(state)
+                    if type(ex) is InlineExecutor and state._is_coro:
+                        task = self._start_eager(handle, state)
+                        if task is not None and not state.is_blocking:
+                            await self._await_own(task, handle)
+                    elif type(ex) is ThreadExecutor and state.is_blocking:
+                        self._start_on_thread(handle, state, ex)
+                    else:
+                        await self._start(handle)
                 else:
                     await self._start(handle)
                 started += 1
@@ -257,27 +265,23 @@ class StateManager:
         a task factory set or DEBUG logging turned on meanwhile takes effect."""
         return eager.usable(loop) and not logger.isEnabledFor(logging.DEBUG)
 
-    def _eager(self, state: State) -> bool:
-        """Whether ``state`` starts eagerly (engine/eager.py): a coroutine state on the inline
-        executor, with no gate, lazy argument, timeout or retry."""
-        if not state._is_coro or state.event is not None or state._has_lazy \
-                or state.timeout is not None or state.retries:
-            return False
+    @staticmethod
+    def _plain(state: State) -> bool:
+        """A state with no gate, lazy argument, timeout or retry, named by executor name: on the
+        inline executor (a coroutine) it starts eagerly (engine/eager.py); on the thread executor
+        (blocking) it goes to a thread with no task of its own (``_start_on_thread``)."""
         given = state.executor
-        if given is not None and type(given) is not str:
-            return False
-        ex = self._executors.get(state._executor)
-        if ex is None:
-            try:
-                ex = self._executor_for(state)
-            except Exception:  # the ordinary path fails the state with this error
-                return False
-        return type(ex) is InlineExecutor
+        return (state.event is None and not state._has_lazy and state.timeout is None
+                and not state.retries and (given is None or type(given) is str))
 
-    def _start_eager(self, handle: StateHandle, state: State) -> eager.EagerTask | None:
-        """Run the state's first step now; return its task if it waits, None if it ended."""
-        loop = self._loop
-        assert loop is not None
+    def _try_executor_for(self, state: State) -> Executor | None:
+        try:
+            return self._executor_for(state)
+        except Exception:  # the ordinary path fails the state with this error
+            return None
+
+    def _begin(self, handle: StateHandle, state: State) -> str:
+        """A queued state starts its one attempt (the fast paths: no retry, no timeout)."""
         counts = self._counts
         counts[_QUEUED.index] -= 1
         counts[_RUNNING.index] += 1
@@ -288,6 +292,13 @@ class StateManager:
         ex_name = handle._executor_name = state._executor
         self._by_executor[ex_name] += 1
         handle.attempts = 1
+        return ex_name
+
+    def _start_eager(self, handle: StateHandle, state: State) -> eager.EagerTask | None:
+        """Run the state's first step now; return its task if it waits, None if it ended."""
+        loop = self._loop
+        assert loop is not None
+        ex_name = self._begin(handle, state)
         handle.started_at = self._clock()
         task = handle._task = eager.EagerTask.new(loop)
         if not state.is_blocking:
@@ -321,6 +332,18 @@ class StateManager:
         task.bind(runner, handle._context())
         self._tasks.add(task)
         return task
+
+    def _start_on_thread(self, handle: StateHandle, state: State, ex: ThreadExecutor) -> None:
+        """Hand a plain blocking state to a thread with no task: the pool ends its handle."""
+        self._begin(handle, state)
+        call = PreparedCall(state.name, state._func_name, state.func, state.args, state.kwargs,
+                            is_coro=state._is_coro, is_blocking=True, on_start=handle._started)
+        try:
+            # the pool's item stands for the task: it has cancel() and done()
+            handle._task = ex.submit(call, handle._ended_on_thread)  # type: ignore[assignment]
+        except Exception as exc:  # the pool is shut down
+            if handle._finish(_FAILED, exc=exc):
+                log_failure(handle, state._executor, exc)
 
     async def _continue_eager(self, handle: StateHandle, task: eager.EagerTask,
                               yielded: Any) -> None:

@@ -23,6 +23,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .base import Executor, PreparedCall
@@ -35,14 +36,30 @@ _START, _OK, _ERR = 0, 1, 2
 
 
 class _Item:
-    __slots__ = ("abandoned", "call", "fut", "long", "started")
+    """One call in the pool: awaited through ``fut`` (``run``), or ended through ``on_done``
+    (``submit``, no task). ``cancel()``/``done()`` let the engine hold it as a state's task."""
 
-    def __init__(self, call: PreparedCall, fut: asyncio.Future[Any]) -> None:
+    __slots__ = ("abandoned", "call", "fut", "long", "on_done", "pool", "started")
+
+    def __init__(self, pool: ThreadExecutor, call: PreparedCall, fut: asyncio.Future[Any] | None,
+                 on_done: Callable[[bool, Any], None] | None = None) -> None:
+        self.pool = pool
         self.call = call
         self.fut = fut
+        self.on_done = on_done
         self.started = 0.0  # monotonic time its thread started it; 0.0 before
         self.long = False  # counted as a long runner: no longer holds one of max_workers
         self.abandoned = False  # cancelled or timed out: its outcome is discarded
+
+    def cancel(self) -> bool:
+        """Abandon the call: its thread, if it runs, runs on; its outcome is dropped."""
+        if self.done():
+            return False
+        self.pool._abandon(self)
+        return True
+
+    def done(self) -> bool:
+        return self.abandoned or self not in self.pool._live
 
 
 class ThreadExecutor(Executor):
@@ -80,23 +97,43 @@ class ThreadExecutor(Executor):
     # -- loop side -------------------------------------------------------------------------
 
     async def run(self, call: PreparedCall) -> Any:
+        loop = self._loop_for(call)
+        item = _Item(self, call, loop.create_future())
+        self._put(item, loop)
+        assert item.fut is not None
+        try:
+            return await item.fut
+        except asyncio.CancelledError:
+            self._abandon(item)
+            raise
+
+    def submit(self, call: PreparedCall, on_done: Callable[[bool, Any], None]) -> _Item:
+        """Start ``call`` with no task to await it (the engine's fast path; loop thread only).
+
+        ``on_done(True, result)`` or ``on_done(False, exception)`` runs on the loop when it ends,
+        unless the returned item was cancelled first. The item's ``cancel()`` abandons the call as
+        cancelling the task of ``run()`` does.
+        """
+        loop = self._loop_for(call)
+        item = _Item(self, call, None, on_done)
+        self._put(item, loop)
+        return item
+
+    def _loop_for(self, call: PreparedCall) -> asyncio.AbstractEventLoop:
         if self._closed:
             raise RuntimeError(f"state {call.state_name!r}: the thread executor is shut down")
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        item = _Item(call, loop.create_future())
+        return loop
+
+    def _put(self, item: _Item, loop: asyncio.AbstractEventLoop) -> None:
         self._live.add(item)
         self._waiting += 1
         self._work.put(item)
         self._add_thread_if_needed()
         if self._monitor is None:
             self._monitor = loop.call_later(self.long_after / 2, self._check_long_runners)
-        try:
-            return await item.fut
-        except asyncio.CancelledError:
-            self._abandon(item)
-            raise
 
     def _add_thread_if_needed(self) -> None:
         if self._idle.acquire(blocking=False):
@@ -105,7 +142,7 @@ class ThreadExecutor(Executor):
             self._spawn_thread()
 
     def _abandon(self, item: _Item) -> None:
-        if item.abandoned or (item.fut.done() and not item.fut.cancelled()):
+        if item.abandoned or item not in self._live:  # abandoned already, or it has ended
             return
         item.abandoned = True
         self._live.discard(item)
@@ -148,7 +185,12 @@ class ThreadExecutor(Executor):
             if item.abandoned:
                 self._orphans.discard(item)
                 continue
+            on_done = item.on_done
+            if on_done is not None:
+                on_done(kind == _OK, value)
+                continue
             fut = item.fut
+            assert fut is not None
             if not fut.done():
                 if kind == _OK:
                     fut.set_result(value)
@@ -230,10 +272,16 @@ class ThreadExecutor(Executor):
         if cancel:
             for item in list(self._live):
                 if item not in self._running:
-                    item.fut.cancel()
+                    if item.fut is not None:
+                        item.fut.cancel()
                     self._abandon(item)
-        elif self._live:
-            await asyncio.wait([i.fut for i in self._live])
+        else:
+            while self._live:  # every call ends (submit()'s have no future to wait on)
+                futs = [i.fut for i in self._live if i.fut is not None]
+                if futs:
+                    await asyncio.wait(futs)
+                else:
+                    await asyncio.sleep(0.005)
         with self._threads_lock:
             threads = list(self._threads)
         for _ in threads:

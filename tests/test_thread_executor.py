@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import sys
 import threading
+from typing import Any
+
+import pytest
 
 from engine import State, StateManager, StateStatus
 from executors import ThreadExecutor
@@ -106,3 +111,82 @@ async def test_shutdown_after_use_leaves_no_thread() -> None:
     await pool.shutdown(cancel=False)
     assert not [t for t in threading.enumerate() if t.name.startswith("statepool-thread")]
     assert pool.abandoned == []
+
+
+# -- plain blocking thread states: no task of their own (StateManager._start_on_thread) --------
+
+
+async def test_plain_thread_states_report_their_times_and_counts() -> None:
+    pool = ThreadExecutor(max_workers=2)
+    async with StateManager(executors={"thread": pool}) as m:
+        handles = await m.put_states(
+            [State(f"t{i}", lambda i=i: (i, threading.current_thread().name), True)
+             for i in range(40)])
+        await asyncio.wait_for(m.join(), 10)
+        stats = m.stats()
+    assert [h.result()[0] for h in handles] == list(range(40))
+    assert all(h.result()[1].startswith("statepool-thread") for h in handles)
+    assert all(h.queued_at <= h.started_at <= h.finished_at for h in handles)  # type: ignore
+    assert all(h.attempts == 1 for h in handles)
+    assert stats["by_executor"]["thread"] == 40 and stats["by_status"]["SUCCEEDED"] == 40
+
+
+async def test_plain_thread_state_errors_fail_it_once_with_their_type(caplog: Any) -> None:
+    def bad() -> None:
+        raise LookupError("gone")
+
+    def cancels_itself() -> None:
+        raise asyncio.CancelledError
+
+    caplog.set_level(logging.ERROR, logger="engine")
+    async with StateManager(executors={"thread": ThreadExecutor(max_workers=1)}) as m:
+        h_bad = await m.put_state(State("bad", bad, True))
+        h_cancel = await m.put_state(State("cancels", cancels_itself, True))
+        await asyncio.wait_for(m.join(), 10)
+    assert isinstance(h_bad.exception(), LookupError)
+    assert h_cancel.status is StateStatus.CANCELLED
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "'bad'" in errors[0] and "LookupError" in errors[0]
+
+
+async def test_cancelling_plain_thread_states_running_or_waiting(caplog: Any) -> None:
+    release = threading.Event()
+    ran: list[str] = []
+
+    def hold(name: str) -> str:
+        ran.append(name)
+        release.wait(10)
+        return name
+
+    caplog.set_level(logging.WARNING, logger="engine")
+    pool = ThreadExecutor(max_workers=1, long_after=60)
+    try:
+        async with StateManager(executors={"thread": pool}) as m:
+            running = await m.put_state(State("running", hold, True, args=("running",)))
+            waiting = await m.put_state(State("waiting", hold, True, args=("waiting",)))
+            while not ran:
+                await asyncio.sleep(0.01)
+            assert waiting.cancel() and running.cancel()
+            assert running.status is waiting.status is StateStatus.CANCELLED
+            release.set()
+            after = await m.put_state(State("after", lambda: "after", True))
+            assert await asyncio.wait_for(after, 10) == "after"  # the pool carries on
+    finally:
+        release.set()
+    assert ran == ["running"]  # the waiting one never started
+    assert any("'running'" in r.getMessage() and "abandoned" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_system_exit_in_a_plain_thread_state_ends_the_loop_as_from_a_task() -> None:
+    seen: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with StateManager(executors={"thread": ThreadExecutor(max_workers=1)}) as m:
+            seen["handle"] = await m.put_state(State("exit", sys.exit, True, args=(3,)))
+            await asyncio.sleep(10)
+
+    with pytest.raises(SystemExit):
+        asyncio.run(main())
+    assert seen["handle"].status is StateStatus.FAILED
+    assert isinstance(seen["handle"].exception(), SystemExit)
