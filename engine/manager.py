@@ -305,9 +305,9 @@ class StateManager:
             self._current = handle  # a stop signalled from the first step cancels it
         ended = True
         try:
-            ctx = handle._ctx
-            if type(ctx) is not contextvars.Context:  # a batch's snapshot: the state's own copy
-                ctx = handle._context()
+            given = handle._ctx
+            # a batch's snapshot: the state runs in its own copy (kept on the handle if it waits)
+            ctx = given.ctx.copy() if isinstance(given, SharedContext) else given
             yielded = eager.first_step(loop, task, ctx, state.func, state.args, state.kwargs)
         except asyncio.CancelledError:
             handle._finish(_CANCELLED)
@@ -329,7 +329,8 @@ class StateManager:
             return None
         runner = self._continue_eager(handle, task, yielded)
         eager.prime(runner)
-        task.bind(runner, handle._context())
+        handle._ctx = ctx  # only if the state waits
+        task.bind(runner, ctx)
         self._tasks.add(task)
         return task
 
