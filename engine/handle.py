@@ -177,7 +177,7 @@ class StateHandle:
             self._finish(_CANCELLED)
         elif self._finish(_FAILED, exc=value):
             log_failure(self, self._executor_name or "thread", value)
-            if not isinstance(value, Exception):  # SystemExit, KeyboardInterrupt: as in a task
+            if isinstance(value, (KeyboardInterrupt, SystemExit)):  # as from a task: it goes on
                 raise value
 
     def _set_status(self, status: StateStatus) -> None:

@@ -221,7 +221,7 @@ class StateManager:
             self._spawn(self._prewarm(configured), None)
         try:
             queue = self._queue
-            eager_on = self._eager_on(loop)
+            fast, eager_on = self._fast_paths(loop)
             turn, started = loop.time(), 0
             while not self._stop_requested:
                 if not queue:
@@ -229,17 +229,17 @@ class StateManager:
                     await self._wakeup
                     self._wakeup = None
                     turn, started = loop.time(), 0
-                    eager_on = self._eager_on(loop)
+                    fast, eager_on = self._fast_paths(loop)
                     continue
                 handle = queue.popleft()
                 if handle.status is not _QUEUED:
                     continue
                 state = handle.state
-                if eager_on and self._plain(state):
+                if fast and self._plain(state):
                     ex: Executor | None = self._executors.get(state._executor)
                     if ex is None:
                         ex = self._try_executor_for(state)
-                    if type(ex) is InlineExecutor and state._is_coro:
+                    if eager_on and type(ex) is InlineExecutor and state._is_coro:
                         task = self._start_eager(handle, state)
                         if task is not None and not state.is_blocking:
                             await self._await_own(task, handle)
@@ -253,17 +253,19 @@ class StateManager:
                 if not started & 63 and loop.time() - turn > _TURN:
                     await asyncio.sleep(0)  # states that never wait: let the loop breathe
                     turn = loop.time()
-                    eager_on = self._eager_on(loop)
+                    fast, eager_on = self._fast_paths(loop)
         finally:
             self._wakeup = None
             await self._shutdown()
             self._main_task = None
 
     @staticmethod
-    def _eager_on(loop: asyncio.AbstractEventLoop) -> bool:
-        """Whether states may start eagerly now: asked again each turn of the main loop, so that
-        a task factory set or DEBUG logging turned on meanwhile takes effect."""
-        return eager.usable(loop) and not logger.isEnabledFor(logging.DEBUG)
+    def _fast_paths(loop: asyncio.AbstractEventLoop) -> tuple[bool, bool]:
+        """Whether plain states may take the fast paths now (not while DEBUG logs each state),
+        and whether coroutine states may start eagerly (engine/eager.py). Asked again each turn
+        of the main loop, so that DEBUG turned on or a task factory set meanwhile takes effect."""
+        fast = not logger.isEnabledFor(logging.DEBUG)
+        return fast, fast and eager.usable(loop)
 
     @staticmethod
     def _plain(state: State) -> bool:
@@ -314,6 +316,11 @@ class StateManager:
         except Exception as exc:
             if handle._finish(_FAILED, exc=exc):
                 log_failure(handle, ex_name, exc)
+        except (KeyboardInterrupt, SystemExit) as exc:  # the state fails; it goes on
+            handle._task = None
+            if handle._finish(_FAILED, exc=exc):
+                log_failure(handle, ex_name, exc)
+            raise
         else:
             if yielded is eager.DONE:
                 handle._finish(_SUCCEEDED, task.first_result)
@@ -360,6 +367,11 @@ class StateManager:
                 if handle._finish(_FAILED, exc=exc):
                     log_failure(handle, handle._executor_name or "inline", exc)
                 return
+            except (KeyboardInterrupt, SystemExit) as exc:  # the state fails; it goes on
+                if handle._finish(_FAILED, exc=exc):
+                    log_failure(handle, handle._executor_name or "inline", exc)
+                _logged_already()
+                raise
             handle._finish(_SUCCEEDED, result)
         finally:
             self._tasks.discard(task)
@@ -486,6 +498,11 @@ class StateManager:
                         f"{state.timeout} s on {ex_name}")
                 except Exception as error:
                     failure = error
+                except (KeyboardInterrupt, SystemExit) as error:  # the state fails; it goes on
+                    if handle._finish(_FAILED, exc=error):
+                        log_failure(handle, ex_name, error)
+                    _logged_already()
+                    raise
                 else:
                     if handle._finish(_SUCCEEDED, result) and debug:
                         log_exit(handle, ex_name, loop)
@@ -640,6 +657,20 @@ class StateManager:
         phase = "stopped" if self._stopped else "stopping" if self._stop_requested else "open"
         return (f"<StateManager {phase} queued={self._counts[_QUEUED.index]} "
                 f"running={len(self._running)} unfinished={self._unfinished}>")
+
+
+def _logged_already() -> None:
+    """The current task is about to end with SystemExit or KeyboardInterrupt, which leaves the
+    loop; the state's failure is logged already, so asyncio need not log it again as "never
+    retrieved" when the task is collected."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.add_done_callback(_retrieve)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _cancelling(task: asyncio.Task[Any] | None) -> bool:

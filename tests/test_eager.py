@@ -349,3 +349,25 @@ async def test_a_task_factory_set_while_the_manager_runs_gets_every_later_state(
         finally:
             loop.set_task_factory(None)
     assert made == ["coroutine"]  # the state after it: its task came from the factory
+
+
+@pytest.mark.parametrize("wait_first", [False, True], ids=["first step", "later step"])
+@pytest.mark.parametrize("options", [{}, {"timeout": 30.0}], ids=["eager", "own task"])
+def test_system_exit_in_a_coroutine_state_fails_it_and_ends_the_loop(
+        options: dict[str, Any], wait_first: bool) -> None:
+    seen: dict[str, Any] = {}
+
+    async def exits() -> None:
+        if wait_first:
+            await asyncio.sleep(0)
+        sys.exit(4)
+
+    async def main() -> None:
+        async with StateManager() as m:
+            seen["handle"] = await m.put_state(State("exit", exits, True, **options))
+            await asyncio.sleep(10)
+
+    with pytest.raises(SystemExit):
+        asyncio.run(main())
+    assert seen["handle"].status is StateStatus.FAILED
+    assert isinstance(seen["handle"].exception(), SystemExit)

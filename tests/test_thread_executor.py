@@ -178,12 +178,13 @@ async def test_cancelling_plain_thread_states_running_or_waiting(caplog: Any) ->
                for r in caplog.records)
 
 
-def test_system_exit_in_a_plain_thread_state_ends_the_loop_as_from_a_task() -> None:
+@pytest.mark.parametrize("options", [{}, {"timeout": 30.0}], ids=["no task", "own task"])
+def test_system_exit_in_a_thread_state_fails_it_and_ends_the_loop(options: dict[str, Any]) -> None:
     seen: dict[str, Any] = {}
 
     async def main() -> None:
         async with StateManager(executors={"thread": ThreadExecutor(max_workers=1)}) as m:
-            seen["handle"] = await m.put_state(State("exit", sys.exit, True, args=(3,)))
+            seen["handle"] = await m.put_state(State("exit", sys.exit, True, args=(3,), **options))
             await asyncio.sleep(10)
 
     with pytest.raises(SystemExit):
