@@ -16,12 +16,12 @@ from types import TracebackType
 from typing import Any, ClassVar
 
 from executors import registry
-from executors.base import Executor, PreparedCall
+from executors.base import Executor
 from executors.inline import InlineExecutor
 from executors.thread import ThreadExecutor
 
-from . import eager
 from .errors import ManagerStoppedError, StateTimeoutError
+from .fastpath import FastPaths, logged_already
 from .handle import SharedContext, StateHandle, StateStatus
 from .log import log_enter, log_exit, log_failure, log_retry, logger
 from .state import State
@@ -35,7 +35,7 @@ _HAS_TASK_CONTEXT = sys.version_info >= (3, 11)
 _TURN = 0.005  # seconds the main loop runs eager states before it yields to the event loop
 
 
-class StateManager:
+class StateManager(FastPaths):
     """Runs states in the order they were put, each in its executor.
 
     ``StateManager.instance()`` is the process-wide manager; ``StateManager(...)`` builds an
@@ -259,123 +259,6 @@ class StateManager:
             await self._shutdown()
             self._main_task = None
 
-    @staticmethod
-    def _fast_paths(loop: asyncio.AbstractEventLoop) -> tuple[bool, bool]:
-        """Whether plain states may take the fast paths now (not while DEBUG logs each state),
-        and whether coroutine states may start eagerly (engine/eager.py). Asked again each turn
-        of the main loop, so that DEBUG turned on or a task factory set meanwhile takes effect."""
-        fast = not logger.isEnabledFor(logging.DEBUG)
-        return fast, fast and eager.usable(loop)
-
-    @staticmethod
-    def _plain(state: State) -> bool:
-        """A state with no gate, lazy argument, timeout or retry, named by executor name: on the
-        inline executor (a coroutine) it starts eagerly (engine/eager.py); on the thread executor
-        (blocking) it goes to a thread with no task of its own (``_start_on_thread``)."""
-        given = state.executor
-        return (state.event is None and not state._has_lazy and state.timeout is None
-                and not state.retries and (given is None or type(given) is str))
-
-    def _try_executor_for(self, state: State) -> Executor | None:
-        try:
-            return self._executor_for(state)
-        except Exception:  # the ordinary path fails the state with this error
-            return None
-
-    def _begin(self, handle: StateHandle, state: State) -> str:
-        """A queued state starts its one attempt (the fast paths: no retry, no timeout)."""
-        counts = self._counts
-        counts[_QUEUED.index] -= 1
-        counts[_RUNNING.index] += 1
-        handle.status = _RUNNING
-        if self._put_waiters:
-            self._queued_left()
-        self._running.add(handle)
-        ex_name = handle._executor_name = state._executor
-        self._by_executor[ex_name] += 1
-        handle.attempts = 1
-        return ex_name
-
-    def _start_eager(self, handle: StateHandle, state: State) -> eager.EagerTask | None:
-        """Run the state's first step now; return its task if it waits, None if it ended."""
-        loop = self._loop
-        assert loop is not None
-        ex_name = self._begin(handle, state)
-        handle.started_at = self._clock()
-        task = handle._task = eager.EagerTask.new(loop)
-        if not state.is_blocking:
-            self._current = handle  # a stop signalled from the first step cancels it
-        ended = True
-        try:
-            given = handle._ctx
-            # a batch's snapshot: the state runs in its own copy (kept on the handle if it waits)
-            ctx = given.ctx.copy() if isinstance(given, SharedContext) else given
-            yielded = eager.first_step(loop, task, ctx, state.func, state.args, state.kwargs)
-        except asyncio.CancelledError:
-            handle._finish(_CANCELLED)
-        except Exception as exc:
-            if handle._finish(_FAILED, exc=exc):
-                log_failure(handle, ex_name, exc)
-        except (KeyboardInterrupt, SystemExit) as exc:  # the state fails; it goes on
-            handle._task = None
-            if handle._finish(_FAILED, exc=exc):
-                log_failure(handle, ex_name, exc)
-            raise
-        else:
-            if yielded is eager.DONE:
-                handle._finish(_SUCCEEDED, task.first_result)
-            else:
-                ended = False
-        finally:
-            self._current = None
-        if ended:
-            handle._task = None
-            if task._asked is not None and task.awaited():  # callbacks wait on its task
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            return None
-        runner = self._continue_eager(handle, task, yielded)
-        eager.prime(runner)
-        handle._ctx = ctx  # only if the state waits
-        task.bind(runner, ctx)
-        self._tasks.add(task)
-        return task
-
-    def _start_on_thread(self, handle: StateHandle, state: State, ex: ThreadExecutor) -> None:
-        """Hand a plain blocking state to a thread with no task: the pool ends its handle."""
-        self._begin(handle, state)
-        call = PreparedCall(state.name, state._func_name, state.func, state.args, state.kwargs,
-                            is_coro=state._is_coro, is_blocking=True, on_start=handle._started)
-        try:
-            # the pool's item stands for the task: it has cancel() and done()
-            handle._task = ex.submit(call, handle._ended_on_thread)  # type: ignore[assignment]
-        except Exception as exc:  # the pool is shut down
-            if handle._finish(_FAILED, exc=exc):
-                log_failure(handle, state._executor, exc)
-
-    async def _continue_eager(self, handle: StateHandle, task: eager.EagerTask,
-                              yielded: Any) -> None:
-        """The rest of an eagerly started state, in its own task (as ``_run`` would end it)."""
-        try:
-            try:
-                result = await eager.Resume(task, yielded)
-            except asyncio.CancelledError:
-                if handle._finish(_CANCELLED):
-                    raise  # stopped from outside: let the cancellation through
-                return
-            except Exception as exc:
-                if handle._finish(_FAILED, exc=exc):
-                    log_failure(handle, handle._executor_name or "inline", exc)
-                return
-            except (KeyboardInterrupt, SystemExit) as exc:  # the state fails; it goes on
-                if handle._finish(_FAILED, exc=exc):
-                    log_failure(handle, handle._executor_name or "inline", exc)
-                _logged_already()
-                raise
-            handle._finish(_SUCCEEDED, result)
-        finally:
-            self._tasks.discard(task)
-
     async def _prewarm(self, ex: Executor) -> None:
         try:
             await ex.start()
@@ -501,7 +384,7 @@ class StateManager:
                 except (KeyboardInterrupt, SystemExit) as error:  # the state fails; it goes on
                     if handle._finish(_FAILED, exc=error):
                         log_failure(handle, ex_name, error)
-                    _logged_already()
+                    logged_already()
                     raise
                 else:
                     if handle._finish(_SUCCEEDED, result) and debug:
@@ -657,20 +540,6 @@ class StateManager:
         phase = "stopped" if self._stopped else "stopping" if self._stop_requested else "open"
         return (f"<StateManager {phase} queued={self._counts[_QUEUED.index]} "
                 f"running={len(self._running)} unfinished={self._unfinished}>")
-
-
-def _logged_already() -> None:
-    """The current task is about to end with SystemExit or KeyboardInterrupt, which leaves the
-    loop; the state's failure is logged already, so asyncio need not log it again as "never
-    retrieved" when the task is collected."""
-    task = asyncio.current_task()
-    if task is not None:
-        task.add_done_callback(_retrieve)
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 def _cancelling(task: asyncio.Task[Any] | None) -> bool:
