@@ -285,24 +285,19 @@ class Resume:
         self.yielded = yielded
 
     def __await__(self) -> Generator[Any, None, Any]:
-        try:
-            yield _PARKED
-        except GeneratorExit:
-            self.task.steps.close()
-            raise
-        except BaseException as exc:
-            return (yield from self._thrown(exc))
-        return (yield from self._go())
+        return self._go(_PARKED, self.yielded)
 
-    def _go(self) -> Generator[Any, None, Any]:
+    def _go(self, *handed: Any) -> Generator[Any, None, Any]:
+        """Yield ``handed`` in turn (each as a task step), then go on with the coroutine."""
         steps = self.task.steps
-        try:
-            yield self.yielded
-        except GeneratorExit:
-            steps.close()
-            raise
-        except BaseException as exc:
-            return (yield from self._thrown(exc))
+        for value in handed:
+            try:
+                yield value
+            except GeneratorExit:
+                steps.close()
+                raise
+            except BaseException as exc:
+                return (yield from self._thrown(exc))
         yield from steps
         return self._result()
 
@@ -315,7 +310,7 @@ class Resume:
             nxt = self.task.steps.throw(exc)
         except StopIteration:
             return self._result()
-        return (yield from Resume(self.task, nxt)._go())
+        return (yield from Resume(self.task, nxt)._go(nxt))
 
     def _result(self) -> Any:
         task = self.task

@@ -24,14 +24,13 @@ from executors.base import Executor, PreparedCall
 from executors.thread import ThreadExecutor
 
 from . import eager
-from .handle import SharedContext, StateHandle, StateStatus
-from .log import log_failure, logger
+from .handle import StateHandle, StateStatus
+from .log import logger
 from .state import State
 
 __all__ = ["FastPaths", "logged_already"]
 
-_QUEUED, _RUNNING = StateStatus.QUEUED, StateStatus.RUNNING
-_SUCCEEDED, _FAILED, _CANCELLED = StateStatus.SUCCEEDED, StateStatus.FAILED, StateStatus.CANCELLED
+_RUNNING, _SUCCEEDED, _CANCELLED = StateStatus.RUNNING, StateStatus.SUCCEEDED, StateStatus.CANCELLED
 
 
 class FastPaths:
@@ -74,45 +73,29 @@ class FastPaths:
         except Exception:  # the ordinary path fails the state with this error
             return None
 
-    def _begin(self, handle: StateHandle, state: State) -> str:
+    def _begin(self, handle: StateHandle, state: State) -> None:
         """A queued state starts its one attempt (the fast paths: no retry, no timeout)."""
-        counts = self._counts
-        counts[_QUEUED.index] -= 1
-        counts[_RUNNING.index] += 1
-        handle.status = _RUNNING
-        if self._put_waiters:
-            self._queued_left()
+        handle._set_status(_RUNNING)
         self._running.add(handle)
         ex_name = handle._executor_name = state._executor
         self._by_executor[ex_name] += 1
         handle.attempts = 1
-        return ex_name
 
     def _start_eager(self, handle: StateHandle, state: State) -> eager.EagerTask | None:
         """Run the state's first step now; return its task if it waits, None if it ended."""
         loop = self._loop
         assert loop is not None
-        ex_name = self._begin(handle, state)
+        self._begin(handle, state)
         handle.started_at = self._clock()
         task = handle._task = eager.EagerTask.new(loop)
         if not state.is_blocking:
             self._current = handle  # a stop signalled from the first step cancels it
         ended = True
+        ctx = handle._context(keep=False)  # kept on the handle below, if the state waits
         try:
-            given = handle._ctx
-            # a batch's snapshot: the state runs in its own copy (kept on the handle if it waits)
-            ctx = given.ctx.copy() if isinstance(given, SharedContext) else given
             yielded = eager.first_step(loop, task, ctx, state.func, state.args, state.kwargs)
-        except asyncio.CancelledError:
-            handle._finish(_CANCELLED)
-        except Exception as exc:
-            if handle._finish(_FAILED, exc=exc):
-                log_failure(handle, ex_name, exc)
-        except (KeyboardInterrupt, SystemExit) as exc:  # the state fails; it goes on
-            handle._task = None
-            if handle._finish(_FAILED, exc=exc):
-                log_failure(handle, ex_name, exc)
-            raise
+        except (Exception, asyncio.CancelledError, KeyboardInterrupt, SystemExit) as exc:
+            handle._conclude(False, exc)
         else:
             if yielded is eager.DONE:
                 handle._finish(_SUCCEEDED, task.first_result)
@@ -128,7 +111,7 @@ class FastPaths:
             return None
         runner = self._continue_eager(handle, task, yielded)
         eager.prime(runner)
-        handle._ctx = ctx  # only if the state waits
+        handle._ctx = ctx
         task.bind(runner, ctx)
         self._tasks.add(task)
         return task
@@ -140,10 +123,9 @@ class FastPaths:
                             is_coro=state._is_coro, is_blocking=True, on_start=handle._started)
         try:
             # the pool's item stands for the task: it has cancel() and done()
-            handle._task = ex.submit(call, handle._ended_on_thread)  # type: ignore[assignment]
+            handle._task = ex.submit(call, handle._conclude)  # type: ignore[assignment]
         except Exception as exc:  # the pool is shut down
-            if handle._finish(_FAILED, exc=exc):
-                log_failure(handle, state._executor, exc)
+            handle._conclude(False, exc)
 
     async def _continue_eager(self, handle: StateHandle, task: eager.EagerTask,
                               yielded: Any) -> None:
@@ -155,16 +137,12 @@ class FastPaths:
                 if handle._finish(_CANCELLED):
                     raise  # stopped from outside: let the cancellation through
                 return
-            except Exception as exc:
-                if handle._finish(_FAILED, exc=exc):
-                    log_failure(handle, handle._executor_name or "inline", exc)
+            except (Exception, KeyboardInterrupt, SystemExit) as exc:
+                if not isinstance(exc, Exception):
+                    logged_already()  # _conclude raises it again, out of this task
+                handle._conclude(False, exc)
                 return
-            except (KeyboardInterrupt, SystemExit) as exc:  # the state fails; it goes on
-                if handle._finish(_FAILED, exc=exc):
-                    log_failure(handle, handle._executor_name or "inline", exc)
-                logged_already()
-                raise
-            handle._finish(_SUCCEEDED, result)
+            handle._conclude(True, result)
         finally:
             self._tasks.discard(task)
 

@@ -158,36 +158,43 @@ class StateHandle:
 
     # -- engine side -----------------------------------------------------------------------
 
-    def _context(self) -> contextvars.Context:
-        """The state's own context, a copy of the one current when it was put."""
+    def _context(self, keep: bool = True) -> contextvars.Context:
+        """The state's own context, a copy of the one current when it was put; ``keep=False``
+        does not keep a new copy on the handle (a state that may end at once needs it no more)."""
         ctx = self._ctx
-        if type(ctx) is SharedContext:
-            ctx = self._ctx = ctx.ctx.copy()
-        return ctx  # type: ignore[return-value]
+        if isinstance(ctx, SharedContext):
+            copy = ctx.ctx.copy()
+            if keep:
+                self._ctx = copy
+            return copy
+        return ctx
 
     def _started(self) -> None:
         """Its call started on a thread (``StateManager._start_on_thread``)."""
         self.started_at = self._manager._clock()
 
-    def _ended_on_thread(self, ok: bool, value: Any) -> None:
-        """The outcome of a call ``StateManager._start_on_thread`` gave a thread (loop thread)."""
+    def _conclude(self, ok: bool, value: Any) -> None:
+        """End the one attempt of a state on a fast path (engine/fastpath.py) with its outcome:
+        a result, or what it raised. A failure is logged once; ``SystemExit`` and
+        ``KeyboardInterrupt`` are raised again once the state has failed, as from a task."""
         if ok:
             self._finish(_SUCCEEDED, value)
         elif isinstance(value, asyncio.CancelledError):
             self._finish(_CANCELLED)
         elif self._finish(_FAILED, exc=value):
-            log_failure(self, self._executor_name or "thread", value)
-            if isinstance(value, (KeyboardInterrupt, SystemExit)):  # as from a task: it goes on
-                raise value
+            log_failure(self, self._executor_name or self.state.executor_name, value)
+        if isinstance(value, (KeyboardInterrupt, SystemExit)):
+            raise value
 
     def _set_status(self, status: StateStatus) -> None:
-        counts = self._manager._counts
+        manager = self._manager
+        counts = manager._counts
         old = self.status
         counts[old.index] -= 1
         counts[status.index] += 1
         self.status = status
-        if old is _QUEUED:
-            self._manager._queued_left()
+        if old is _QUEUED and manager._put_waiters:
+            manager._queued_left()
 
     def _finish(self, status: StateStatus, result: Any = None,
                 exc: BaseException | None = None) -> bool:
@@ -202,12 +209,12 @@ class StateHandle:
         self._exception = exc
         manager = self._manager
         self.finished_at = manager._clock()
-        old = self.status
+        old = self.status  # _set_status(status), inlined: every state passes here
         counts = manager._counts
         counts[old.index] -= 1
         counts[status.index] += 1
         self.status = status
-        if old is _QUEUED:
+        if old is _QUEUED and manager._put_waiters:
             manager._queued_left()
         waiters = self._waiters
         if waiters:

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, ClassVar
 
@@ -130,30 +130,27 @@ class StateManager(FastPaths):
         loop = self._bind_loop()
         if self.max_queue:
             await self._wait_for_room(state, loop)
-        return self._enqueue(state, loop)
+        return self._enqueue(state)
 
     async def put_states(self, states: Iterable[State]) -> list[StateHandle]:
         """Queue every state in order; checks them all before queuing any."""
         states = list(states)
         for state in states:
-            if type(state) is not State:
+            if type(state) is not State:  # an exact State passes the type check
                 self._check_state(state)
         if self._stop_requested and states:
-            self._check_state(states[0])
+            self._check_state(states[0])  # ManagerStoppedError, naming the first
         loop = self._bind_loop()
         if not self.max_queue:
             now = self._clock()
             ctx = SharedContext(contextvars.copy_context())  # each state copies it as it starts
             handles = [StateHandle(state, self, now, ctx) for state in states]
-            self._queue.extend(handles)
-            self._counts[_QUEUED.index] += len(handles)
-            self._unfinished += len(handles)
-            self._wake()
+            self._queued(handles)
             return handles
         handles = []
         for state in states:
             await self._wait_for_room(state, loop)
-            handles.append(self._enqueue(state, loop))
+            handles.append(self._enqueue(state))
         return handles
 
     async def _wait_for_room(self, state: State, loop: asyncio.AbstractEventLoop) -> None:
@@ -168,17 +165,16 @@ class StateManager(FastPaths):
             if self._stop_requested:
                 raise ManagerStoppedError(f"cannot put {state.name!r}: the manager is stopping")
 
-    def _enqueue(self, state: State, loop: asyncio.AbstractEventLoop,
-                 now: float | None = None) -> StateHandle:
-        handle = StateHandle(state, self, loop.time() if now is None else now,
-                             contextvars.copy_context())
-        self._counts[_QUEUED.index] += 1
-        self._unfinished += 1
-        self._queue.append(handle)
-        self._wake()
+    def _enqueue(self, state: State) -> StateHandle:
+        handle = StateHandle(state, self, self._clock(), contextvars.copy_context())
+        self._queued((handle,))
         return handle
 
-    def _wake(self) -> None:
+    def _queued(self, handles: Sequence[StateHandle]) -> None:
+        """``handles`` join the queue (new, QUEUED); the main loop wakes if it waits."""
+        self._queue.extend(handles)
+        self._counts[_QUEUED.index] += len(handles)
+        self._unfinished += len(handles)
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from inspect import CO_COROUTINE
-from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
 from executors import registry
@@ -66,20 +64,16 @@ class State:
         timeout: float | None = None,
         retries: int = 0,
     ) -> None:
-        # Each check has an inline fast path for the common case: a State is built per put.
-        if (type(name) is not str and not isinstance(name, str)) or not name:
+        if not isinstance(name, str) or not name:
             raise ValueError(f"State name must be a non-empty str, got {name!r}")
         self.name = name
-        if type(func) is FunctionType:
-            self._is_coro = bool(func.__code__.co_flags & CO_COROUTINE)
-            self._func_name = func.__name__ if func.__name__ != "<lambda>" else _func_name(func)
-        elif callable(func):
-            self._is_coro = is_coroutine_callable(func)
-            self._func_name = _func_name(func)
-        else:
+        if not callable(func):
             raise TypeError(self._field("func", "must be callable", func))
         self.func = func
-        self.is_blocking = is_blocking = is_blocking is True or bool(is_blocking)
+        self._func_name = _func_name(func)
+        self._is_coro = is_coroutine_callable(func)
+        self.is_blocking = bool(is_blocking)
+        # A State is built per put: the common values skip the checks' method calls.
         self.lazy_args = lazy_args if type(lazy_args) is tuple else self._sequence(
             "lazy_args", lazy_args)
         self.args = args if type(args) is tuple else self._sequence("args", args)
@@ -91,15 +85,12 @@ class State:
         else:
             self.event = self._gate(event, event_to_wait)
         self.timeout = None if timeout is None else self._timeout(timeout)
-        if (type(retries) is not int
-                and (isinstance(retries, bool) or not isinstance(retries, int))) or retries < 0:
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(self._field("retries", "must be an int >= 0", retries))
         self.retries = retries
         self.executor = executor
-        if executor is None:
-            self._executor = "inline" if self._is_coro or not is_blocking else "thread"
-        elif type(executor) is str and executor == "inline" and (self._is_coro or not is_blocking):
-            self._executor = "inline"
+        if executor is None:  # the default, which needs no check
+            self._executor = "inline" if self._is_coro or not self.is_blocking else "thread"
         else:
             self._executor = self._executor_name(executor)
         self._has_lazy = bool(self.lazy_args or self.lazy_kwargs)
@@ -125,8 +116,6 @@ class State:
         return f"State {self.name!r}: field {field!r} {rule}, got {value!r}"
 
     def _sequence(self, field: str, value: Any) -> tuple[Any, ...]:
-        if type(value) is tuple:
-            return value
         if not isinstance(value, (tuple, list)):
             raise TypeError(self._field(field, "must be a tuple or list", value))
         return tuple(value)
@@ -147,20 +136,14 @@ class State:
             raise TypeError(self._field("event", "must be an asyncio.Event", gate))
         return gate
 
-    def _timeout(self, timeout: Any) -> float | None:
-        if timeout is None:
-            return None
+    def _timeout(self, timeout: Any) -> float:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
             raise TypeError(self._field("timeout", "must be a number of seconds", timeout))
         if not timeout > 0:
             raise ValueError(self._field("timeout", "must be > 0", timeout))
         return float(timeout)
 
-    def _executor_name(self, executor: str | Executor | None) -> str:
-        if executor is None:
-            if self._is_coro:
-                return "inline"
-            return "thread" if self.is_blocking else "inline"
+    def _executor_name(self, executor: str | Executor) -> str:
         if isinstance(executor, str):
             if not registry.is_known(executor):
                 raise ValueError(self._field(
