@@ -36,7 +36,7 @@ _CLASSES = {
 
 def make_executor(name: str, workers: int) -> Any:
     """A fresh executor instance for ``name`` with ``workers`` slots (public classes only)."""
-    import executors
+    import statepool.executors as executors
 
     cls = getattr(executors, _CLASSES[name])
     if name == "inline":
@@ -69,7 +69,7 @@ class StatepoolBackend(Backend):
 
     async def open(self) -> None:
         try:
-            from engine import State, StateManager
+            from statepool.engine import State, StateManager
 
             self._State = State
             manager = StateManager(executors={self.executor: make_executor(

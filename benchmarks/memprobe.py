@@ -29,7 +29,7 @@ def _rss() -> int:
 
 
 async def _statepool(n: int) -> dict[str, Any]:
-    from engine import State, StateManager
+    from statepool.engine import State, StateManager
 
     gate = asyncio.Event()
     async with StateManager() as manager:

@@ -201,7 +201,7 @@ class _Logging:
     """Set the ``engine`` logger for one mode; ``restore()`` puts everything back."""
 
     def __init__(self) -> None:
-        self.logger = logging.getLogger("engine")
+        self.logger = logging.getLogger("statepool.engine")
         self.level = self.logger.level
         self.sink = open(os.devnull, "w")  # noqa: SIM115 - closed by restore()
         self.handler = logging.StreamHandler(self.sink)

@@ -1,68 +1,68 @@
-"""The manager's fast paths for plain states: no task unless one is needed.
+"""The manager's fast paths for plain states: no task, or an eager one, where that is enough.
 
 A *plain* state has no gate, lazy argument, timeout or retry, and names its executor by name.
-While DEBUG logging is off (it logs every state's enter and exit from the ordinary path):
+While DEBUG logging is off (the ordinary path logs every state's enter and exit):
 
-* a coroutine state on the inline executor starts eagerly (engine/eager.py): its first step runs
-  at once, and it gets a task only if it waits;
-* a blocking state on the thread executor goes to the pool with no task of its own
-  (``ThreadExecutor.submit``): the pool ends its handle from the batched results.
+* a coroutine state on an executor that ``runs_on_loop`` (``"inline"``) runs in a lean task of
+  its own; on Python 3.12+, where the loop has no custom task factory, that task is created with
+  asyncio's public ``eager_start=True``: the state's first step runs at once, and a state that
+  never waits is done before its task would have been scheduled;
+* a blocking state on an executor that offers ``submit`` (``"thread"``) goes to it with no task
+  of its own: the executor ends the handle through :meth:`StateHandle._conclude`.
 
 Everything else takes the ordinary path, ``StateManager._run`` in a task of its own. These
-methods are a part of :class:`~engine.manager.StateManager`, kept apart to keep it readable.
+methods are a part of :class:`~statepool.engine.manager.StateManager`, kept apart to keep it
+readable; they know executors only through :class:`~statepool.executors.base.Executor`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-from collections import Counter, deque
-from collections.abc import Callable
+import sys
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from executors.base import Executor, PreparedCall
-from executors.thread import ThreadExecutor
+from statepool.executors.base import Executor, PreparedCall
 
-from . import eager
 from .handle import StateHandle, StateStatus
 from .log import logger
 from .state import State
 
-__all__ = ["FastPaths", "logged_already"]
+if TYPE_CHECKING:
+    from .books import Books
+
+__all__ = ["EAGER_START", "FastPaths", "logged_already"]
 
 _RUNNING, _SUCCEEDED, _CANCELLED = StateStatus.RUNNING, StateStatus.SUCCEEDED, StateStatus.CANCELLED
+#: asyncio's public eager tasks (``Task(..., eager_start=True)``) exist from Python 3.12
+EAGER_START = sys.version_info >= (3, 12)
 
 
 class FastPaths:
-    """The fast paths of :class:`~engine.manager.StateManager` (its attributes, used here)."""
+    """The fast paths of :class:`~statepool.engine.manager.StateManager` (its attributes)."""
 
     _loop: asyncio.AbstractEventLoop | None
-    _clock: Callable[[], float]
-    _counts: list[int]
-    _put_waiters: deque[asyncio.Future[None]]
-    _running: set[StateHandle]
-    _by_executor: Counter[str]
+    _books: Books
     _tasks: set[asyncio.Future[Any]]
     _current: StateHandle | None
 
     if TYPE_CHECKING:
-        def _queued_left(self) -> None: ...
-
         def _executor_for(self, state: State) -> Executor: ...
 
     @staticmethod
     def _fast_paths(loop: asyncio.AbstractEventLoop) -> tuple[bool, bool]:
         """Whether plain states may take the fast paths now (not while DEBUG logs each state),
-        and whether coroutine states may start eagerly (engine/eager.py). Asked again each turn
-        of the main loop, so that DEBUG turned on or a task factory set meanwhile takes effect."""
+        and whether their tasks may start eagerly (3.12+, no custom task factory). Asked again
+        each turn of the main loop, so that DEBUG turned on or a task factory set meanwhile
+        takes effect."""
         fast = not logger.isEnabledFor(logging.DEBUG)
-        return fast, fast and eager.usable(loop)
+        return fast, fast and EAGER_START and loop.get_task_factory() is None
 
     @staticmethod
     def _plain(state: State) -> bool:
-        """A state with no gate, lazy argument, timeout or retry, named by executor name: on the
-        inline executor (a coroutine) it starts eagerly (engine/eager.py); on the thread executor
-        (blocking) it goes to a thread with no task of its own (``_start_on_thread``)."""
+        """A state with no gate, lazy argument, timeout or retry, named by executor name."""
         given = state.executor
         return (state.event is None and not state._has_lazy and state.timeout is None
                 and not state.retries and (given is None or type(given) is str))
@@ -76,63 +76,53 @@ class FastPaths:
     def _begin(self, handle: StateHandle, state: State) -> None:
         """A queued state starts its one attempt (the fast paths: no retry, no timeout)."""
         handle._set_status(_RUNNING)
-        self._running.add(handle)
         ex_name = handle._executor_name = state._executor
-        self._by_executor[ex_name] += 1
+        self._books.started(handle, ex_name)
         handle.attempts = 1
 
-    def _start_eager(self, handle: StateHandle, state: State) -> eager.EagerTask | None:
-        """Run the state's first step now; return its task if it waits, None if it ended."""
+    def _start_plain(self, handle: StateHandle, state: State,
+                     eager: bool) -> asyncio.Task[Any] | None:
+        """Start a plain coroutine state in its own lean task; None if it ended at once."""
         loop = self._loop
         assert loop is not None
         self._begin(handle, state)
-        handle.started_at = self._clock()
-        task = handle._task = eager.EagerTask.new(loop)
+        handle.started_at = self._books.clock()
+        coro = self._plain_attempt(handle, state)
+        ctx = handle._context()
         if not state.is_blocking:
             self._current = handle  # a stop signalled from the first step cancels it
-        ended = True
-        ctx = handle._context(keep=False)  # kept on the handle below, if the state waits
         try:
-            yielded = eager.first_step(loop, task, ctx, state.func, state.args, state.kwargs)
-        except (Exception, asyncio.CancelledError, KeyboardInterrupt, SystemExit) as exc:
-            handle._conclude(False, exc)
-        else:
-            if yielded is eager.DONE:
-                handle._finish(_SUCCEEDED, task.first_result)
-            else:
-                ended = False
+            task = _task(loop, coro, ctx, state.name, eager)
         finally:
             self._current = None
-        if ended:
-            handle._task = None
-            if task._asked is not None and task.awaited():  # callbacks wait on its task
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+        if task.done():  # it ended in its first step: it was never scheduled
             return None
-        runner = self._continue_eager(handle, task, yielded)
-        eager.prime(runner)
-        handle._ctx = ctx
-        task.bind(runner, ctx)
+        handle._task = task
         self._tasks.add(task)
         return task
 
-    def _start_on_thread(self, handle: StateHandle, state: State, ex: ThreadExecutor) -> None:
-        """Hand a plain blocking state to a thread with no task: the pool ends its handle."""
-        self._begin(handle, state)
+    def _start_submitted(self, handle: StateHandle, state: State, ex: Executor) -> bool:
+        """Hand a plain blocking state to an executor's ``submit`` with no task; False if the
+        executor has no such path (the state then takes the ordinary one)."""
         call = PreparedCall(state.name, state._func_name, state.func, state.args, state.kwargs,
                             is_coro=state._is_coro, is_blocking=True, on_start=handle._started)
         try:
-            # the pool's item stands for the task: it has cancel() and done()
-            handle._task = ex.submit(call, handle._conclude)  # type: ignore[assignment]
-        except Exception as exc:  # the pool is shut down
+            submitted = ex.submit(call, handle._conclude)
+        except Exception as exc:  # the executor is shut down
+            self._begin(handle, state)
             handle._conclude(False, exc)
+            return True
+        if submitted is None:
+            return False
+        self._begin(handle, state)
+        handle._task = submitted  # type: ignore[assignment]  # cancel() and done(), as a task
+        return True
 
-    async def _continue_eager(self, handle: StateHandle, task: eager.EagerTask,
-                              yielded: Any) -> None:
-        """The rest of an eagerly started state, in its own task (as ``_run`` would end it)."""
+    async def _plain_attempt(self, handle: StateHandle, state: State) -> None:
+        """The one attempt of a plain coroutine state (as ``_run`` would end it)."""
         try:
             try:
-                result = await eager.Resume(task, yielded)
+                result = await state.func(*state.args, **state.kwargs)
             except asyncio.CancelledError:
                 if handle._finish(_CANCELLED):
                     raise  # stopped from outside: let the cancellation through
@@ -142,9 +132,22 @@ class FastPaths:
                     logged_already()  # _conclude raises it again, out of this task
                 handle._conclude(False, exc)
                 return
-            handle._conclude(True, result)
+            handle._finish(_SUCCEEDED, result)
         finally:
-            self._tasks.discard(task)
+            task = handle._task
+            if task is not None:
+                self._tasks.discard(task)
+
+
+def _task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any],
+          ctx: contextvars.Context, name: str, eager: bool) -> asyncio.Task[Any]:
+    """A task for a state, started eagerly where asked (3.12+: public ``eager_start``)."""
+    if eager:
+        return asyncio.Task(coro, loop=loop, name=name, context=ctx,  # type: ignore[call-arg,unused-ignore]
+                            eager_start=True)
+    if sys.version_info >= (3, 11):
+        return loop.create_task(coro, name=name, context=ctx)  # type: ignore[call-arg]
+    return ctx.run(loop.create_task, coro, name=name)  # pragma: no cover - Python 3.10
 
 
 def logged_already() -> None:

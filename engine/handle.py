@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from .log import log_failure
 
 if TYPE_CHECKING:
-    from .manager import StateManager
+    from .books import Books
     from .state import State
 
 __all__ = ["TERMINAL", "SharedContext", "StateHandle", "StateStatus"]
@@ -59,10 +59,10 @@ class StateHandle:
 
     __slots__ = (
         "__weakref__",
+        "_books",
         "_ctx",
         "_exception",
         "_executor_name",
-        "_manager",
         "_result",
         "_task",
         "_timed_out",
@@ -76,7 +76,7 @@ class StateHandle:
         "status",
     )
 
-    def __init__(self, state: State, manager: StateManager, queued_at: float,
+    def __init__(self, state: State, books: Books, queued_at: float,
                  ctx: contextvars.Context | SharedContext) -> None:
         self.state = state
         self.status = _QUEUED
@@ -87,7 +87,7 @@ class StateHandle:
         self._result: Any = None
         self._exception: BaseException | None = None
         self._waiters: list[asyncio.Future[None]] | None = None
-        self._manager = manager
+        self._books = books  # the manager's bookkeeping, told of every change of status
         self._task: asyncio.Future[Any] | None = None
         self._ctx: contextvars.Context | SharedContext = ctx
         self._timed_out = False
@@ -139,7 +139,7 @@ class StateHandle:
 
     def __await__(self) -> Generator[Any, None, Any]:
         if not self.done():
-            loop = self._manager._loop
+            loop = self._books.loop
             try:
                 running = asyncio.get_running_loop()
             except RuntimeError:
@@ -171,7 +171,7 @@ class StateHandle:
 
     def _started(self) -> None:
         """Its call started on a thread (``StateManager._start_on_thread``)."""
-        self.started_at = self._manager._clock()
+        self.started_at = self._books.clock()
 
     def _conclude(self, ok: bool, value: Any) -> None:
         """End the one attempt of a state on a fast path (engine/fastpath.py) with its outcome:
@@ -187,14 +187,9 @@ class StateHandle:
             raise value
 
     def _set_status(self, status: StateStatus) -> None:
-        manager = self._manager
-        counts = manager._counts
-        old = self.status
-        counts[old.index] -= 1
-        counts[status.index] += 1
-        self.status = status
-        if old is _QUEUED and manager._put_waiters:
-            manager._queued_left()
+        """A move between non-terminal statuses, reported to the manager's books."""
+        old, self.status = self.status, status
+        self._books.moved(old, status)
 
     def _finish(self, status: StateStatus, result: Any = None,
                 exc: BaseException | None = None) -> bool:
@@ -207,25 +202,16 @@ class StateHandle:
             self._timer = None
         self._result = result
         self._exception = exc
-        manager = self._manager
-        self.finished_at = manager._clock()
-        old = self.status  # _set_status(status), inlined: every state passes here
-        counts = manager._counts
-        counts[old.index] -= 1
-        counts[status.index] += 1
-        self.status = status
-        if old is _QUEUED and manager._put_waiters:
-            manager._queued_left()
+        books = self._books
+        self.finished_at = books.clock()
+        old, self.status = self.status, status
         waiters = self._waiters
         if waiters:
             self._waiters = None
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
-        manager._running.discard(self)
-        manager._unfinished -= 1
-        if not manager._unfinished and manager._join_waiters:
-            manager._release_joiners()
+        books.ended(self, old, status)
         return True
 
     def __repr__(self) -> str:

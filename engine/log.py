@@ -1,4 +1,4 @@
-"""Logging and timing helpers: logger ``engine``, no handlers configured by the library.
+"""Logging and timing helpers: logger ``statepool.engine``, no handlers configured by the library.
 
 Every line that costs formatting is guarded by ``isEnabledFor`` so that logging costs nothing
 measurable when DEBUG is off.
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 __all__ = ["log_enter", "log_exit", "log_failure", "log_retry", "logger"]
 
-logger = logging.getLogger("engine")
+logger = logging.getLogger("statepool.engine")
 _DEBUG = logging.DEBUG
 
 

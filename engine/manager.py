@@ -9,17 +9,16 @@ import functools
 import logging
 import sys
 import threading
-import time
-from collections import Counter, deque
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, ClassVar
 
-from executors import registry
-from executors.base import Executor
-from executors.inline import InlineExecutor
-from executors.thread import ThreadExecutor
+from statepool.executors import registry
+from statepool.executors.base import Executor
 
+from . import current
+from .books import Books
 from .errors import ManagerStoppedError, StateTimeoutError
 from .fastpath import FastPaths, logged_already
 from .handle import SharedContext, StateHandle, StateStatus
@@ -61,21 +60,15 @@ class StateManager(FastPaths):
                 raise TypeError(f"StateManager: executors[{name!r}] must be an Executor, "
                                 f"got {ex!r}")
             self._executors[name] = ex
-            self._adopt_grace(ex, shutdown_grace)
+            ex.default_grace(float(shutdown_grace))
         self._configured = list(self._executors.values())
         self._adopted: set[Executor] = set()  # instances given to single states
         self.max_queue = max_queue
         self.shutdown_grace = float(shutdown_grace)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._clock: Callable[[], float] = time.monotonic
         self._queue: deque[StateHandle] = deque()
-        self._counts: list[int] = [0] * len(StateStatus)  # by StateStatus.index
-        self._by_executor: Counter[str] = Counter()
-        self._running: set[StateHandle] = set()
+        self._books = Books(len(StateStatus))  # counts, running set, join and put waiters
         self._tasks: set[asyncio.Future[Any]] = set()
-        self._unfinished = 0
-        self._join_waiters: list[asyncio.Future[None]] = []
-        self._put_waiters: deque[asyncio.Future[None]] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._current: StateHandle | None = None
         self._main_task: asyncio.Task[None] | None = None
@@ -111,9 +104,7 @@ class StateManager(FastPaths):
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
-            # the loop's clock, without a Python call where it is asyncio's own
-            self._clock = (time.monotonic if type(loop).time is asyncio.BaseEventLoop.time
-                           else loop.time)
+            self._books.bind(loop)
         elif self._loop is not loop:
             raise RuntimeError("StateManager is bound to another event loop; build one per loop")
         return loop
@@ -142,9 +133,9 @@ class StateManager(FastPaths):
             self._check_state(states[0])  # ManagerStoppedError, naming the first
         loop = self._bind_loop()
         if not self.max_queue:
-            now = self._clock()
+            now, books = self._books.clock(), self._books
             ctx = SharedContext(contextvars.copy_context())  # each state copies it as it starts
-            handles = [StateHandle(state, self, now, ctx) for state in states]
+            handles = [StateHandle(state, books, now, ctx) for state in states]
             self._queued(handles)
             return handles
         handles = []
@@ -154,9 +145,9 @@ class StateManager(FastPaths):
         return handles
 
     async def _wait_for_room(self, state: State, loop: asyncio.AbstractEventLoop) -> None:
-        while self._counts[_QUEUED.index] >= self.max_queue:
+        while self._books.counts[_QUEUED.index] >= self.max_queue:
             fut: asyncio.Future[None] = loop.create_future()
-            self._put_waiters.append(fut)
+            self._books.put_waiters.append(fut)
             try:
                 await fut
             finally:
@@ -166,41 +157,24 @@ class StateManager(FastPaths):
                 raise ManagerStoppedError(f"cannot put {state.name!r}: the manager is stopping")
 
     def _enqueue(self, state: State) -> StateHandle:
-        handle = StateHandle(state, self, self._clock(), contextvars.copy_context())
+        handle = StateHandle(state, self._books, self._books.clock(), contextvars.copy_context())
         self._queued((handle,))
         return handle
 
     def _queued(self, handles: Sequence[StateHandle]) -> None:
         """``handles`` join the queue (new, QUEUED); the main loop wakes if it waits."""
         self._queue.extend(handles)
-        self._counts[_QUEUED.index] += len(handles)
-        self._unfinished += len(handles)
+        self._books.added(len(handles), _QUEUED)
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
 
-    def _queued_left(self) -> None:
-        """A handle left QUEUED: let one waiting producer in."""
-        waiters = self._put_waiters
-        while waiters:
-            fut = waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
-
-    def _release_joiners(self) -> None:
-        """Every handle is terminal (``StateHandle._finish`` saw the count reach 0)."""
-        waiters, self._join_waiters = self._join_waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
-
     async def join(self) -> None:
         """Wait until the queue is empty and every handle of this manager is terminal."""
-        if self._unfinished == 0:
+        if self._books.unfinished == 0:
             return
         fut: asyncio.Future[None] = self._bind_loop().create_future()
-        self._join_waiters.append(fut)
+        self._books.join_waiters.append(fut)
         await fut
 
     # -- the main loop -----------------------------------------------------------------------
@@ -217,7 +191,7 @@ class StateManager(FastPaths):
             self._spawn(self._prewarm(configured), None)
         try:
             queue = self._queue
-            fast, eager_on = self._fast_paths(loop)
+            fast, eager = self._fast_paths(loop)
             turn, started = loop.time(), 0
             while not self._stop_requested:
                 if not queue:
@@ -225,7 +199,7 @@ class StateManager(FastPaths):
                     await self._wakeup
                     self._wakeup = None
                     turn, started = loop.time(), 0
-                    fast, eager_on = self._fast_paths(loop)
+                    fast, eager = self._fast_paths(loop)
                     continue
                 handle = queue.popleft()
                 if handle.status is not _QUEUED:
@@ -235,13 +209,12 @@ class StateManager(FastPaths):
                     ex: Executor | None = self._executors.get(state._executor)
                     if ex is None:
                         ex = self._try_executor_for(state)
-                    if eager_on and type(ex) is InlineExecutor and state._is_coro:
-                        task = self._start_eager(handle, state)
+                    if ex is not None and ex.runs_on_loop and state._is_coro:
+                        task = self._start_plain(handle, state, eager)
                         if task is not None and not state.is_blocking:
                             await self._await_own(task, handle)
-                    elif type(ex) is ThreadExecutor and state.is_blocking:
-                        self._start_on_thread(handle, state, ex)
-                    else:
+                    elif not (ex is not None and state.is_blocking
+                              and self._start_submitted(handle, state, ex)):
                         await self._start(handle)
                 else:
                     await self._start(handle)
@@ -249,7 +222,7 @@ class StateManager(FastPaths):
                 if not started & 63 and loop.time() - turn > _TURN:
                     await asyncio.sleep(0)  # states that never wait: let the loop breathe
                     turn = loop.time()
-                    fast, eager_on = self._fast_paths(loop)
+                    fast, eager = self._fast_paths(loop)
         finally:
             self._wakeup = None
             await self._shutdown()
@@ -314,14 +287,8 @@ class StateManager(FastPaths):
         ex = self._executors.get(name)
         if ex is None:
             ex = self._executors[name] = registry.create(name)
-            self._adopt_grace(ex, self.shutdown_grace)
+            ex.default_grace(self.shutdown_grace)
         return ex
-
-    @staticmethod
-    def _adopt_grace(ex: Executor, grace: float) -> None:
-        """Thread pools with no grace of their own get the manager's ``shutdown_grace``."""
-        if isinstance(ex, ThreadExecutor) and ex.shutdown_grace is None:
-            ex.shutdown_grace = float(grace)
 
     async def _run(self, handle: StateHandle) -> None:
         """Every attempt of one state, ending its handle exactly once."""
@@ -330,7 +297,7 @@ class StateManager(FastPaths):
         assert loop is not None
         if handle.status is _QUEUED or handle.status is _WAITING:
             handle._set_status(_RUNNING)
-        self._running.add(handle)
+        self._books.running.add(handle)
         try:
             try:
                 executor = self._executor_for(state)
@@ -339,8 +306,8 @@ class StateManager(FastPaths):
                 log_failure(handle, state.executor_name, exc)
                 return
             ex_name = handle._executor_name = executor.name
-            self._by_executor[ex_name] += 1
-            inline = type(executor) is InlineExecutor  # the fast path: no PreparedCall
+            self._books.started(handle, ex_name)
+            inline = executor.runs_on_loop  # the engine calls the function: no PreparedCall
             debug = logger.isEnabledFor(logging.DEBUG)
             while True:
                 handle.attempts += 1
@@ -423,9 +390,8 @@ class StateManager(FastPaths):
         """Run ``state`` at once, outside the queue (``State.enter_state``)."""
         self._check_state(state)
         loop = self._bind_loop()
-        handle = StateHandle(state, self, loop.time(), contextvars.copy_context())
-        self._counts[_QUEUED.index] += 1
-        self._unfinished += 1
+        handle = StateHandle(state, self._books, loop.time(), contextvars.copy_context())
+        self._books.added(1, _QUEUED)
         self._spawn(self._detached(handle), None)
         return handle
 
@@ -470,9 +436,7 @@ class StateManager(FastPaths):
         current = self._current
         if current is not None:
             current.cancel()
-        for fut in self._put_waiters:
-            if not fut.done():
-                fut.set_result(None)
+        self._books.wake_producers()
         if self._main_task is None and not self._stopped:
             self._bg_task = self._spawn(self._shutdown(), None)
 
@@ -480,16 +444,14 @@ class StateManager(FastPaths):
         self._stop_requested = True
         while self._queue:
             self._queue.popleft().cancel()
-        for fut in self._put_waiters:
-            if not fut.done():
-                fut.set_result(None)
+        self._books.wake_producers()
         current = asyncio.current_task()
         tasks = [t for t in self._tasks if t is not current and not t.done()]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=self.shutdown_grace + 1.0)
-        for handle in list(self._running):
+        for handle in list(self._books.running):
             handle.cancel()
         for ex in {*self._executors.values(), *self._adopted}:
             try:
@@ -529,13 +491,15 @@ class StateManager(FastPaths):
     def stats(self) -> ManagerStats:
         """A frozen snapshot: counts by status and by executor, and what runs now."""
         loop = self._loop
-        return snapshot(self._counts, self._by_executor, self._running,
+        books = self._books
+        return snapshot(books.counts, books.by_executor, books.running,
                         loop.time() if loop is not None else 0.0)
 
     def __repr__(self) -> str:
         phase = "stopped" if self._stopped else "stopping" if self._stop_requested else "open"
-        return (f"<StateManager {phase} queued={self._counts[_QUEUED.index]} "
-                f"running={len(self._running)} unfinished={self._unfinished}>")
+        books = self._books
+        return (f"<StateManager {phase} queued={books.counts[_QUEUED.index]} "
+                f"running={len(books.running)} unfinished={books.unfinished}>")
 
 
 def _cancelling(task: asyncio.Task[Any] | None) -> bool:
@@ -550,3 +514,6 @@ def _uncancel(task: asyncio.Future[Any] | None) -> None:
     uncancel = getattr(task, "uncancel", None)
     if uncancel is not None:
         uncancel()
+
+
+current.provide(StateManager.instance)

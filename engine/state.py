@@ -7,9 +7,10 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from executors import registry
-from executors.base import Executor, PreparedCall
+from statepool.executors import registry
+from statepool.executors.base import Executor, PreparedCall
 
+from . import current
 from .errors import LazyArgumentError
 from .naming import func_name as _func_name
 from .naming import is_coroutine_callable
@@ -23,7 +24,7 @@ _EMPTY: dict[str, Any] = {}
 
 
 class State:
-    """A named unit of work for a :class:`~engine.StateManager`.
+    """A named unit of work for a :class:`~statepool.engine.StateManager`.
 
     ``func(*args, *resolved_lazy_args, **kwargs, **resolved_lazy_kwargs)`` runs in the executor the
     state names (see the README's table); ``is_blocking`` states are dispatched without waiting.
@@ -206,9 +207,7 @@ class State:
         Returns the result (raising the state's exception); for a blocking state, returns the
         :class:`StateHandle` as soon as it has been dispatched.
         """
-        from .manager import StateManager
-
-        handle: StateHandle = await StateManager.instance()._enter_now(self)
+        handle: StateHandle = await current.manager()._enter_now(self)
         if self.is_blocking:
             return handle
         return await handle

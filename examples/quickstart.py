@@ -4,7 +4,7 @@ import asyncio
 import logging
 import time
 
-from engine import State, StateManager
+from statepool.engine import State, StateManager
 
 
 async def database_migration() -> str:

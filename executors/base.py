@@ -10,15 +10,36 @@ answers with its result or its exception. Its duties:
   work if the backend can (a process backend terminates the worker) and let ``CancelledError``
   propagate;
 * never block the event loop thread.
+
+Optional capabilities, which the engine asks for (never a backend's class):
+
+* ``runs_on_loop``: calls run on the event loop thread, in the task that awaits them; the engine
+  may then call a state's function itself instead of building a :class:`PreparedCall`;
+* ``submit(call, on_done)``: start a call with no task to await it; the backend ends it through
+  ``on_done(ok, value)`` on the loop thread and returns a :class:`Submitted` that can cancel it
+  (``None`` where a backend has no such path);
+* ``default_grace(seconds)``: the manager's ``shutdown_grace``, for a backend that has none of
+  its own.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["Executor", "PreparedCall"]
+__all__ = ["Executor", "OnDone", "PreparedCall", "Submitted"]
+
+#: ``on_done(True, result)`` or ``on_done(False, exception)``, called on the loop thread
+OnDone = Callable[[bool, Any], None]
+
+
+class Submitted(Protocol):
+    """What ``Executor.submit`` returns: it stands for a task (``cancel()``, ``done()``)."""
+
+    def cancel(self) -> bool: ...
+
+    def done(self) -> bool: ...
 
 
 class PreparedCall:
@@ -78,6 +99,8 @@ class Executor(abc.ABC):
     """What every backend implements. See the module docstring for the duties of ``run``."""
 
     name: str = "executor"
+    #: calls run on the event loop thread, in the awaiting task (see the module docstring)
+    runs_on_loop: bool = False
 
     async def start(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Start now (pre-warm pools). ``run`` starts lazily anyway."""
@@ -89,6 +112,16 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     async def shutdown(self, *, cancel: bool) -> None:
         """Release every resource; ``cancel=True`` stops running work instead of waiting."""
+
+    def submit(self, call: PreparedCall, on_done: OnDone) -> Submitted | None:
+        """Start ``call`` with no task to await it, or return ``None`` (no such path here).
+
+        Loop thread only. ``call.started()`` and then ``on_done`` run on the loop thread;
+        ``on_done`` does not run once the returned object's ``cancel()`` was called."""
+        return None
+
+    def default_grace(self, seconds: float) -> None:  # noqa: B027 - optional, a no-op here
+        """Take the manager's ``shutdown_grace`` if this backend has none of its own."""
 
     def worker_pids(self) -> list[int]:
         """PIDs of the worker processes this executor holds now (none for in-process ones)."""

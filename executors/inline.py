@@ -13,6 +13,7 @@ class InlineExecutor(Executor):
     """Awaits coroutine functions and calls plain functions on the loop. The test double."""
 
     name = "inline"
+    runs_on_loop = True
 
     async def run(self, call: PreparedCall) -> Any:
         call.started()

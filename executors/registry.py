@@ -18,17 +18,17 @@ from .base import Executor
 __all__ = ["ENTRY_POINT_GROUP", "create", "known_names", "register"]
 
 ENTRY_POINT_GROUP = "statepool.executors"
-logger = logging.getLogger("engine")
+logger = logging.getLogger(__name__)
 
 ExecutorFactory = Callable[[], Executor]
 
 # name -> "module:attribute" of a built-in backend; the extra to install when its import fails
 _BUILTINS: dict[str, tuple[str, str | None]] = {
-    "inline": ("executors.inline:InlineExecutor", None),
-    "thread": ("executors.thread:ThreadExecutor", None),
-    "process": ("executors.loky:LokyExecutor", None),
-    "aioprocess": ("executors.aioprocess:AioProcessExecutor", None),
-    "dask": ("executors.dask:DaskExecutor", "dask"),
+    "inline": ("statepool.executors.inline:InlineExecutor", None),
+    "thread": ("statepool.executors.thread:ThreadExecutor", None),
+    "process": ("statepool.executors.process.executor:LokyExecutor", None),
+    "aioprocess": ("statepool.executors.aioprocess.executor:AioProcessExecutor", None),
+    "dask": ("statepool.executors.dask.executor:DaskExecutor", "dask"),
 }
 _registered: dict[str, ExecutorFactory] = {}
 _lock = threading.Lock()

@@ -26,11 +26,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .base import Executor, PreparedCall
+from .base import Executor, OnDone, PreparedCall
 
 __all__ = ["ThreadExecutor"]
 
-logger = logging.getLogger("engine")
+logger = logging.getLogger(__name__)
 _ids = itertools.count(1)
 _START, _OK, _ERR = 0, 1, 2
 
@@ -107,7 +107,7 @@ class ThreadExecutor(Executor):
             self._abandon(item)
             raise
 
-    def submit(self, call: PreparedCall, on_done: Callable[[bool, Any], None]) -> _Item:
+    def submit(self, call: PreparedCall, on_done: OnDone) -> _Item:
         """Start ``call`` with no task to await it (the engine's fast path; loop thread only).
 
         ``on_done(True, result)`` or ``on_done(False, exception)`` runs on the loop when it ends,
@@ -118,6 +118,10 @@ class ThreadExecutor(Executor):
         item = _Item(self, call, None, on_done)
         self._put(item, loop)
         return item
+
+    def default_grace(self, seconds: float) -> None:
+        if self.shutdown_grace is None:
+            self.shutdown_grace = float(seconds)
 
     def _loop_for(self, call: PreparedCall) -> asyncio.AbstractEventLoop:
         if self._closed:

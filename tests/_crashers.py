@@ -192,12 +192,12 @@ def packages_seen() -> tuple[bool, str, str, str]:
     import sys
 
     had_asyncio = "asyncio" in sys.modules
-    import engine.errors
-    import executors
-    import executors.base
+    import statepool.engine.errors
+    import statepool.executors as executors
+    import statepool.executors.base
 
     return (had_asyncio, executors.ThreadExecutor.__name__, executors.base.PreparedCall.__name__,
-            engine.errors.WorkerCrashedError.__name__)
+            statepool.engine.errors.WorkerCrashedError.__name__)
 
 
 def fork_then_exit(path: str, code: int = 3) -> None:

@@ -76,7 +76,7 @@ def no_leaks() -> Iterator[None]:
     threads_before = set(threading.enumerate())
     children_before = live_children()
     yield
-    from engine import StateManager
+    from statepool.engine import StateManager
 
     StateManager._reset_instance()
 

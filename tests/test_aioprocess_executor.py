@@ -24,17 +24,17 @@ import cloudpickle
 import psutil
 import pytest
 
-from engine import State, StateManager, StateStatus
-from engine.errors import SerializationError, StateTimeoutError, WorkerCrashedError
-from executors import registry
-from executors._remote import (
+from statepool.engine import State, StateManager, StateStatus
+from statepool.engine.errors import SerializationError, StateTimeoutError, WorkerCrashedError
+from statepool.executors import registry
+from statepool.executors._wire.remote import (
     INLINE_DUMPS_LIMIT,
     RemoteTraceback,
     dumps_call,
     dumps_call_small,
 )
-from executors.aioprocess import MAX_RERUNS, AioProcessExecutor
-from executors.base import PreparedCall
+from statepool.executors.aioprocess.executor import MAX_RERUNS, AioProcessExecutor
+from statepool.executors.base import PreparedCall
 
 # Functions of this module travel by value, as a script's would: children need not import it.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -670,7 +670,7 @@ def test_options_are_checked() -> None:
 
 
 def test_registry_builds_it_by_name() -> None:
-    import executors
+    import statepool.executors as executors
 
     assert executors.AioProcessExecutor is AioProcessExecutor
     ex = registry.create("aioprocess")

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from engine import State, StateManager, StateStatus, WorkerCrashedError
-from executors import AioProcessExecutor, Executor, LokyExecutor
+from statepool.engine import State, StateManager, StateStatus, WorkerCrashedError
+from statepool.executors import AioProcessExecutor, Executor, LokyExecutor
 
 SOAK_S = float(os.environ.get("STATEPOOL_SOAK", "0"))
 N_STATES = 2000
@@ -117,6 +117,6 @@ async def test_chaos_kills_fail_only_the_states_they_hit(kind: str) -> None:
     if SOAK_S:
         import logging
 
-        logging.getLogger("engine").warning(
+        logging.getLogger("statepool.engine").warning(
             "soak %s: %d rounds of %d states, %d workers killed, %d states failed",
             kind, rounds, N_STATES, killed, failed)

@@ -26,13 +26,13 @@ import psutil
 import pytest
 from conftest import LEAK_GRACE_S, _wait_until, live_children
 
-from engine import State, StateManager, StateStatus
-from engine.errors import SerializationError, StateTimeoutError, WorkerCrashedError
-from executors import registry
-from executors._dask_support import translate_error
-from executors._remote import RemoteTraceback
-from executors.base import PreparedCall
-from executors.dask import DaskExecutor
+from statepool.engine import State, StateManager, StateStatus
+from statepool.engine.errors import SerializationError, StateTimeoutError, WorkerCrashedError
+from statepool.executors import registry
+from statepool.executors._wire.remote import RemoteTraceback
+from statepool.executors.base import PreparedCall
+from statepool.executors.dask import DaskExecutor
+from statepool.executors.dask.support import translate_error
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DASK_CLI = pathlib.Path(sys.executable).with_name("dask")
@@ -466,7 +466,7 @@ def test_registry_builds_it_lazily_and_missing_extra_says_pip_install(
     assert isinstance(ex, DaskExecutor) and ex.name == "dask" and ex.client is None
     with pytest.raises(ValueError, match=r"address.*n_workers"):
         DaskExecutor("tcp://127.0.0.1:1", n_workers=2)
-    monkeypatch.delitem(sys.modules, "executors.dask")
+    monkeypatch.delitem(sys.modules, "statepool.executors.dask.executor")
     monkeypatch.setitem(sys.modules, "distributed", None)  # as if not installed
     with pytest.raises(ImportError, match=r"pip install 'statepool\[dask\]'"):
         registry.create("dask")

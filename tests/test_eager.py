@@ -1,23 +1,23 @@
-"""Eager start of coroutine states (engine/eager.py): the first step runs at once, a task is made
+"""Eager start of coroutine states (engine/fastpath.py, asyncio's public eager_start on 3.12+): the first step runs at once, a task is made
 only when the state waits, and everything a task gives a coroutine stays true meanwhile."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import gc
 import logging
 import sys
 from typing import Any
 
 import pytest
 
-from engine import State, StateManager, StateStatus, eager
+from statepool.engine import State, StateManager, StateStatus
+from statepool.engine.fastpath import EAGER_START
 
 # What must hold for every coroutine state holds on every Python; the tests marked with this
 # check eager start itself, which needs asyncio's C tasks on CPython 3.11+.
-needs_eager = pytest.mark.skipif(not eager.ENABLED,
-                                 reason="eager start needs asyncio's C tasks (CPython 3.11-3.13)")
+needs_eager = pytest.mark.skipif(not EAGER_START,
+                                 reason="asyncio's eager tasks (eager_start=True) are 3.12's")
 py311 = pytest.mark.skipif(sys.version_info < (3, 11),
                            reason="asyncio.timeout(), TaskGroup and uncancel() are 3.11's")
 
@@ -246,7 +246,7 @@ async def test_errors_in_the_first_step_fail_the_state_and_are_logged_once(
         await asyncio.sleep(0)
         raise KeyError("later step")
 
-    caplog.set_level(logging.ERROR, logger="engine")
+    caplog.set_level(logging.ERROR, logger="statepool")
     async with StateManager() as m:
         h1 = await m.put_state(eager_state("bad", bad))
         h2 = await m.put_state(eager_state("bad-later", bad_later))
@@ -304,31 +304,12 @@ async def test_stop_while_an_eager_state_waits_cancels_it_and_leaves_no_task() -
 
 
 @needs_eager
-async def test_an_unbound_eager_task_answers_like_a_pending_task() -> None:
-    loop = asyncio.get_running_loop()
-    task = eager.EagerTask.new(loop)
-    assert not task.done() and not task.cancelled()
-    assert task.get_loop() is loop and task.get_coro() is None and task.get_stack() == []
-    with pytest.raises(asyncio.InvalidStateError):
-        task.result()
-    with pytest.raises(asyncio.InvalidStateError):
-        task.exception()
-    calls: list[Any] = []
-    task.add_done_callback(calls.append)
-    task.add_done_callback(calls.append)
-    assert task.remove_done_callback(calls.append) == 2
-    assert "first step" in repr(task)
-    del task
-    gc.collect()  # an unbound task is dropped without "Task was destroyed but it is pending"
-
-
-@needs_eager
 def test_eager_start_is_used_on_this_python() -> None:
     loop = asyncio.new_event_loop()
     try:
-        assert eager.usable(loop)
+        assert StateManager._fast_paths(loop) == (True, True)
         loop.set_task_factory(lambda loop, coro, **kw: asyncio.Task(coro, loop=loop, **kw))
-        assert not eager.usable(loop)  # a custom task factory: the ordinary path
+        assert StateManager._fast_paths(loop) == (True, False)  # a custom task factory
     finally:
         loop.close()
 

@@ -8,8 +8,8 @@ import gc
 import psutil
 import pytest
 
-from engine import State, StateHandle, StateManager, StateStatus
-from executors import ThreadExecutor
+from statepool.engine import State, StateHandle, StateManager, StateStatus
+from statepool.executors import ThreadExecutor
 
 N = 100_000
 
@@ -93,7 +93,7 @@ async def test_producers_held_by_back_pressure_are_released_by_stop() -> None:
     await asyncio.sleep(0.02)
     assert not blocked.done()
     m.signal_stopping()
-    from engine import ManagerStoppedError
+    from statepool.engine import ManagerStoppedError
 
     with pytest.raises(ManagerStoppedError):
         await asyncio.wait_for(blocked, 5)
@@ -106,7 +106,7 @@ def triple(i: int) -> int:
 
 @pytest.mark.timeout(240)
 async def test_20k_process_states_memory_stays_flat() -> None:
-    from executors import LokyExecutor
+    from statepool.executors import LokyExecutor
 
     async with StateManager(executors={"process": LokyExecutor(max_workers=2)},
                             max_queue=2_000) as m:

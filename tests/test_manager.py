@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from engine import (
+from statepool.engine import (
     LazyArgumentError,
     ManagerStoppedError,
     State,
@@ -162,7 +162,7 @@ async def test_errors_are_kept_logged_once_and_do_not_stop_the_loop(caplog) -> N
     def boom() -> None:
         raise ValueError("boom")
 
-    caplog.set_level(logging.ERROR, logger="engine")
+    caplog.set_level(logging.ERROR, logger="statepool")
     async with StateManager() as m:
         bad = await m.put_state(State("bad-state", boom))
         good = await m.put_state(State("good-state", lambda: "ok"))
@@ -174,7 +174,7 @@ async def test_errors_are_kept_logged_once_and_do_not_stop_the_loop(caplog) -> N
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1
     msg = errors[0].getMessage()
-    assert errors[0].name == "engine"
+    assert errors[0].name == "statepool.engine"
     assert "bad-state" in msg and "boom" in msg and "inline" in msg
     assert errors[0].exc_info is not None and errors[0].exc_info[0] is ValueError
 
@@ -188,7 +188,7 @@ async def test_retries_count_attempts_and_warn(caplog) -> None:
             raise OSError("transient")
         return "ok"
 
-    caplog.set_level(logging.WARNING, logger="engine")
+    caplog.set_level(logging.WARNING, logger="statepool")
     async with StateManager() as m:
         handle = await m.put_state(State("retry-me", fails_twice, True, retries=2))
         always = await m.put_state(State("never", lambda: 1 / 0, retries=1))
@@ -241,7 +241,7 @@ async def test_thread_timeout_is_reported_and_thread_abandoned(caplog) -> None:
         release.wait(10)
         return "late"
 
-    caplog.set_level(logging.WARNING, logger="engine")
+    caplog.set_level(logging.WARNING, logger="statepool")
     try:
         async with StateManager() as m:
             handle = await m.put_state(State("stuck", stuck, True, timeout=0.1))
@@ -388,7 +388,7 @@ async def test_stop_gives_threads_the_grace_period_then_reports_them(caplog) -> 
     def stubborn() -> None:
         release.wait(10)
 
-    caplog.set_level(logging.WARNING, logger="engine")
+    caplog.set_level(logging.WARNING, logger="statepool")
     m = StateManager(shutdown_grace=0.2)
     main = asyncio.create_task(m.process_states())
     handle = await m.put_state(State("stubborn", stubborn, True))
@@ -468,7 +468,7 @@ async def test_stats_snapshot() -> None:
 
 
 async def test_debug_logging_enter_and_exit(caplog) -> None:
-    caplog.set_level(logging.DEBUG, logger="engine")
+    caplog.set_level(logging.DEBUG, logger="statepool")
     async with StateManager() as m:
         await m.put_state(State("traced", lambda: 1))
     lines = [r.getMessage() for r in caplog.records if "traced" in r.getMessage()]
@@ -493,7 +493,7 @@ async def test_wrap_with_tryexcept(caplog) -> None:
     def bad() -> None:
         raise ValueError("nope")
 
-    caplog.set_level(logging.ERROR, logger="engine")
+    caplog.set_level(logging.ERROR, logger="statepool")
     assert await wrap_with_tryexcept(acoro, 4)() == 8
     assert await wrap_with_tryexcept(lambda a, b=0: a + b, 1, b=2)() == 3
     assert await wrap_with_tryexcept(bad)() is None

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from engine import ManagerStoppedError, State, StateManager
-from executors import InlineExecutor, ThreadExecutor, register
+from statepool.engine import ManagerStoppedError, State, StateManager
+from statepool.executors import InlineExecutor, ThreadExecutor, register
 
 # building a manager or executor: (factory, exception, words the message holds)
 CONSTRUCTION = [

@@ -19,11 +19,12 @@ from typing import Any
 import _crashers
 import pytest
 
-from engine.errors import WorkerCrashedError
-from executors import LokyExecutor, _loky_dispatch
-from executors._loky_batch import MAX_BATCH, SLOW_S, CostModel, Job, cost_key
-from executors._loky_pool import Worker
-from executors.base import PreparedCall
+from statepool.engine.errors import WorkerCrashedError
+from statepool.executors import LokyExecutor
+from statepool.executors.base import PreparedCall
+from statepool.executors.process import dispatch as _loky_dispatch
+from statepool.executors.process.batch import MAX_BATCH, SLOW_S, CostModel, Job, cost_key
+from statepool.executors.process.pool import Worker
 
 DEADLINE_S = 20.0
 

@@ -26,11 +26,11 @@ import _crashers
 import psutil
 import pytest
 
-from engine import State, StateManager, StateStatus
-from engine.errors import SerializationError, StateTimeoutError, WorkerCrashedError
-from executors import LokyExecutor, registry
-from executors._remote import RemoteTraceback, dumps_call, loads_outcome, run_pickled
-from executors.base import PreparedCall
+from statepool.engine import State, StateManager, StateStatus
+from statepool.engine.errors import SerializationError, StateTimeoutError, WorkerCrashedError
+from statepool.executors import LokyExecutor, registry
+from statepool.executors._wire.remote import RemoteTraceback, dumps_call, loads_outcome, run_pickled
+from statepool.executors.base import PreparedCall
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE_S = 20.0
@@ -108,8 +108,8 @@ def test_functions_of_main_travel(tmp_path: Path) -> None:
     script.write_text(textwrap.dedent(f"""
         import asyncio, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from executors.base import PreparedCall
-        from executors.loky import LokyExecutor
+        from statepool.executors.base import PreparedCall
+        from statepool.executors.process import LokyExecutor
 
         class Point:
             def __init__(self, x):
@@ -323,7 +323,7 @@ async def test_the_timeout_clock_waits_for_a_starting_worker(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A cold executor (not pre-warmed): the first state's clock starts once a worker runs it,
     not while the worker starts (made to take 1 s here, well past the state's timeout)."""
-    from executors import _loky_pool
+    from statepool.executors.process import pool as _loky_pool
 
     slow_boot = tmp_path / "slow_boot.py"
     slow_boot.write_text(textwrap.dedent(f"""
@@ -350,7 +350,7 @@ async def test_the_timeout_clock_waits_for_a_starting_worker(
 
 async def test_workers_that_cannot_start_fail_the_waiting_calls(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from executors import _loky_pool
+    from statepool.executors.process import pool as _loky_pool
 
     monkeypatch.setattr(_loky_pool, "_BOOT", str(tmp_path / "missing.py"))  # each dies at once
     ex = LokyExecutor(2)

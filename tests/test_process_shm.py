@@ -15,11 +15,11 @@ from typing import Any
 import _crashers
 import pytest
 
-from engine import State, StateManager
-from engine.errors import WorkerCrashedError
-from executors import LokyExecutor
-from executors._shm import OOB_MIN
-from executors.base import PreparedCall
+from statepool.engine import State, StateManager
+from statepool.engine.errors import WorkerCrashedError
+from statepool.executors import LokyExecutor
+from statepool.executors._wire.shm import OOB_MIN
+from statepool.executors.base import PreparedCall
 
 np = pytest.importorskip("numpy")
 

@@ -8,7 +8,7 @@ from collections import Counter
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine import State, StateManager, StateStatus
+from statepool.engine import State, StateManager, StateStatus
 
 TERMINAL = {StateStatus.SUCCEEDED, StateStatus.FAILED, StateStatus.CANCELLED}
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-import engine
-import executors
-from engine import State, StateManager
-from executors import Executor, InlineExecutor, PreparedCall, registry
+import statepool.engine as engine
+import statepool.executors as executors
+from statepool.engine import State, StateManager
+from statepool.executors import Executor, InlineExecutor, PreparedCall, registry
 
 
 class Doubling(Executor):
@@ -62,7 +62,7 @@ def test_factory_must_build_an_executor() -> None:
 def test_entry_point_group_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     class FakeEP:
         name = "from-plugin"
-        value = "executors.inline:InlineExecutor"
+        value = "statepool.executors.inline:InlineExecutor"
 
     def fake_entry_points(group: str) -> list[FakeEP]:
         assert group == "statepool.executors"
@@ -86,7 +86,7 @@ def test_missing_extra_names_the_pip_line(monkeypatch: pytest.MonkeyPatch) -> No
         registry.create("dask")
 
 
-@pytest.mark.parametrize("module", ["engine", "executors"])
+@pytest.mark.parametrize("module", ["statepool.engine", "statepool.executors"])
 def test_all_names_are_exported(module: str) -> None:
     mod = importlib.import_module(module)
     for name in mod.__all__:
@@ -94,7 +94,7 @@ def test_all_names_are_exported(module: str) -> None:
 
 
 def test_error_tree() -> None:
-    from engine import errors
+    from statepool.engine import errors
 
     for name in errors.__all__:
         assert issubclass(getattr(errors, name), errors.EngineError)

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from engine import State, StateManager, StateStatus
-from executors import ThreadExecutor
+from statepool.engine import State, StateManager, StateStatus
+from statepool.executors import ThreadExecutor
 
 TERMINAL = {StateStatus.SUCCEEDED, StateStatus.FAILED, StateStatus.CANCELLED}
 GRACE = 0.5

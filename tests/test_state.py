@@ -7,9 +7,9 @@ import functools
 
 import pytest
 
-from engine import State, StateHandle, StateManager, StateStatus
-from engine.naming import func_name
-from executors import InlineExecutor
+from statepool.engine import State, StateHandle, StateManager, StateStatus
+from statepool.engine.naming import func_name
+from statepool.executors import InlineExecutor
 
 
 async def acoro(x: int = 1) -> int:

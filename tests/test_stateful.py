@@ -17,7 +17,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from engine import (
+from statepool.engine import (
     ManagerStoppedError,
     State,
     StateHandle,
@@ -26,7 +26,7 @@ from engine import (
     StateTimeoutError,
     WorkerCrashedError,
 )
-from executors import AioProcessExecutor, Executor, LokyExecutor, ThreadExecutor
+from statepool.executors import AioProcessExecutor, Executor, LokyExecutor, ThreadExecutor
 
 PROCESS_KINDS = ["aioprocess", "process"]
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from engine import State, StateManager, StateStatus
-from executors import ThreadExecutor
-from executors.base import PreparedCall
+from statepool.engine import State, StateManager, StateStatus
+from statepool.executors import ThreadExecutor
+from statepool.executors.base import PreparedCall
 
 
 async def test_services_do_not_take_the_slots_short_states_need() -> None:
@@ -138,7 +138,7 @@ async def test_plain_thread_state_errors_fail_it_once_with_their_type(caplog: An
     def cancels_itself() -> None:
         raise asyncio.CancelledError
 
-    caplog.set_level(logging.ERROR, logger="engine")
+    caplog.set_level(logging.ERROR, logger="statepool")
     async with StateManager(executors={"thread": ThreadExecutor(max_workers=1)}) as m:
         h_bad = await m.put_state(State("bad", bad, True))
         h_cancel = await m.put_state(State("cancels", cancels_itself, True))
@@ -158,7 +158,7 @@ async def test_cancelling_plain_thread_states_running_or_waiting(caplog: Any) ->
         release.wait(10)
         return name
 
-    caplog.set_level(logging.WARNING, logger="engine")
+    caplog.set_level(logging.WARNING, logger="statepool")
     pool = ThreadExecutor(max_workers=1, long_after=60)
     try:
         async with StateManager(executors={"thread": pool}) as m:

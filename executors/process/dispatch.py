@@ -17,16 +17,16 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from . import _shm
-from ._loky_batch import MAX_BATCH, SLOW_S, Batch, CostModel, Job, take
-from ._loky_pool import Frame, Worker
-from ._loky_worker import BAD, BATCH, BYE, DONE, FRAME, READY, RUNNING, SKIP, SlotTable
-from ._remote import INLINE_LOADS_LIMIT, loads_outcome
-from .base import PreparedCall
+from .._wire import shm
+from .._wire.remote import INLINE_LOADS_LIMIT, loads_outcome
+from ..base import PreparedCall
+from .batch import MAX_BATCH, SLOW_S, Batch, CostModel, Job, take
+from .pool import Frame, Worker
+from .worker import BAD, BATCH, BYE, DONE, FRAME, READY, RUNNING, SKIP, SlotTable
 
 __all__ = ["RING", "Dispatch", "Phase"]
 
-logger = logging.getLogger("engine")
+logger = logging.getLogger(__name__)
 
 RING = 2 * MAX_BATCH  # slots per worker: the calls of two batches
 _START_POLL_S = 0.005  # how often a cancelled call that has not started yet is looked at
@@ -125,7 +125,7 @@ class Dispatch:
             self._begin(batch)
         calls = [job.call for job in jobs]
         try:
-            packed = _shm.pack(calls, inline=True)
+            packed = shm.pack(calls, inline=True)
         except Exception:  # they pickle apart, not together
             packed = None
         if packed is not None and not packed.buffers:
@@ -135,26 +135,26 @@ class Dispatch:
         self._helper.submit(self._pack_off_loop, worker, batch, first, calls, packed, slot)
 
     def _pack_off_loop(self, worker: Worker, batch: Batch, first: int,
-                       calls: list[PreparedCall], packed: _shm.Packed | None, slot: Any) -> None:
+                       calls: list[PreparedCall], packed: shm.Packed | None, slot: Any) -> None:
         """Pickle a large batch and write its out-of-band buffers (helper thread)."""
         try:
             if packed is None:
-                packed = _shm.pack(calls, inline=False)
+                packed = shm.pack(calls, inline=False)
                 assert packed is not None
             if packed.buffers:
-                packed.meta = _shm.write_buffers(packed.buffers, self._dir)
-                packed.path = _shm.meta_path(packed.meta)
+                packed.meta = shm.write_buffers(packed.buffers, self._dir)
+                packed.path = shm.meta_path(packed.meta)
                 packed.buffers = []
         except BaseException as exc:  # handed to the loop
             self._threadsafe(self._unpacked, worker, batch, slot, exc)
             return
         self._threadsafe(self._send, worker, batch, first, packed, slot)
 
-    def _send(self, worker: Worker, batch: Batch, first: int, packed: _shm.Packed,
+    def _send(self, worker: Worker, batch: Batch, first: int, packed: shm.Packed,
               slot: Any) -> None:
         batch.path = packed.path
         if not worker.alive or not batch.jobs or batch.jobs[0].batch is not batch:
-            _shm.release(packed.path)  # its worker died meanwhile: its calls went back in line
+            shm.release(packed.path)  # its worker died meanwhile: its calls went back in line
             return
         for index, exc in packed.failed.items():  # the worker skips their place
             self._fail(batch.jobs[index], exc)
@@ -220,7 +220,7 @@ class Dispatch:
         job = worker.jobs.pop(seq, None)
         if job is None or seconds is None or job.fut.done():
             if meta_len:  # nobody wants the result: its file goes
-                _shm.release(_shm.meta_path(body[:meta_len]))
+                shm.release(shm.meta_path(body[:meta_len]))
             if job is None:
                 return
             batch = job.batch
@@ -254,9 +254,9 @@ class Dispatch:
             return loads_outcome(body)
         meta = body[:meta_len]
         try:
-            buffers = _shm.map_buffers(meta)
+            buffers = shm.map_buffers(meta)
         finally:
-            _shm.release(_shm.meta_path(meta))
+            shm.release(shm.meta_path(meta))
         return loads_outcome(memoryview(body)[meta_len:], buffers)
 
     def _settle(self, job: Job, body: bytes | bytearray, meta_len: int) -> None:
@@ -286,7 +286,7 @@ class Dispatch:
     def _batch_over(self, worker: Worker, batch: Batch) -> None:
         if batch in worker.batches:
             worker.batches.remove(batch)
-        _shm.release(batch.path)
+        shm.release(batch.path)
         batch.path = None
         self._model.batch_done(batch)
         if worker.ready and worker.batches and not worker.batches[0].begun:

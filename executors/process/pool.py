@@ -25,9 +25,9 @@ from typing import Any
 import psutil
 from loky.backend.context import get_context
 
-from . import _loky_boot
-from ._loky_batch import Batch, Job
-from ._loky_worker import FRAME, STOP, SlotTable
+from . import boot
+from .batch import Batch, Job
+from .worker import FRAME, STOP, SlotTable
 
 __all__ = ["Frame", "Worker", "describe_exit", "kill_tree"]
 
@@ -36,7 +36,7 @@ Frame = tuple[int, int, int, int, float, bytes | bytearray]  # kind, number, cou
 _CHUNK = 256 * 1024  # bytes read at most per readable event (a big body: 4 MiB)
 _BIG = 1 << 20  # a body this large is read into its own buffer
 _REAP_GRACE_S = 1.0  # a worker that closed its socket and lives on this long is killed
-_BOOT = _loky_boot.__file__  # the worker's first code (see _loky_boot)
+_BOOT = boot.__file__  # the worker's first code (see boot)
 
 
 class _Slot:
@@ -91,10 +91,10 @@ class Worker:
         parent, child = socket.socketpair()
         args = (child, table.path, table.nslots, base, ring, max_tasks, max_memory)
         try:
-            process = get_context("loky").Process(  # _loky_boot runs worker_main(*args)
+            process = get_context("loky").Process(  # boot runs worker_main(*args)
                 target=runpy.run_path, name=f"statepool-process-{index}", args=(_BOOT,),
                 kwargs={"init_globals": {"ARGS": args, "PYCACHE": pycache},
-                        "run_name": _loky_boot.RUN_NAME})
+                        "run_name": boot.RUN_NAME})
             process.start()
         except BaseException:
             parent.close()

@@ -15,14 +15,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import WorkerCrashedError
+from statepool.engine.errors import WorkerCrashedError
 
-from ._aio_child import HEADER, READY, ChildProcess
-from .base import PreparedCall
+from ..base import PreparedCall
+from .child import HEADER, READY, ChildProcess
 
 __all__ = ["ChildHandle", "Job", "crash_error", "describe_exit"]
 
-logger = logging.getLogger("engine")
+logger = logging.getLogger(__name__)
 
 REAP_GRACE_S = 1.0  # after end of file, how long a child may take to exit before it is killed
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import cloudpickle
 
-from ._remote import INLINE_DUMPS_LIMIT, dumps_call
-from .base import PreparedCall
+from ..base import PreparedCall
+from .remote import INLINE_DUMPS_LIMIT, dumps_call
 
 __all__ = ["OOB_MIN", "Packed", "keep_out", "map_buffers", "meta_path", "pack", "release",
            "write_buffers"]

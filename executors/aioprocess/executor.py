@@ -27,17 +27,17 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from engine.errors import WorkerCrashedError
+from statepool.engine.errors import WorkerCrashedError
 
-from ._aio_child import CANCEL, CANCELLED, DONE, RUN, frame
-from ._aio_line import SlotLine
-from ._aio_worker import ChildHandle, Job, crash_error, describe_exit
-from ._remote import OffLoop, dumps_call_small
-from .base import Executor, PreparedCall
+from .._wire.remote import OffLoop, dumps_call_small
+from ..base import Executor, PreparedCall
+from .child import CANCEL, CANCELLED, DONE, RUN, frame
+from .line import SlotLine
+from .worker import ChildHandle, Job, crash_error, describe_exit
 
 __all__ = ["AioProcessExecutor"]
 
-logger = logging.getLogger("engine")
+logger = logging.getLogger(__name__)
 
 MAX_RERUNS = 2  # times an innocent call is sent again after its child was killed on purpose
 _RERUN = -1  # the job's future answers this kind: send it again

@@ -32,8 +32,8 @@ import time
 import weakref
 from typing import Any
 
-from ._remote import dumps_error, run_call
-from ._shm import keep_out, map_buffers, write_buffers
+from .._wire.remote import dumps_error, run_call
+from .._wire.shm import keep_out, map_buffers, write_buffers
 
 __all__ = [
     "BAD",

@@ -43,18 +43,19 @@ from typing import Any
 
 import psutil
 
-from engine.errors import WorkerCrashedError
+from statepool.engine.errors import WorkerCrashedError
 
-from . import _loky_boot, _shm
-from ._loky_batch import Job
-from ._loky_dispatch import RING, Dispatch, Phase
-from ._loky_pool import Worker, describe_exit, kill_tree
-from ._loky_worker import RUNNING, SlotTable
-from .base import Executor, PreparedCall
+from .._wire import shm
+from ..base import Executor, PreparedCall
+from . import boot
+from .batch import Job
+from .dispatch import RING, Dispatch, Phase
+from .pool import Worker, describe_exit, kill_tree
+from .worker import RUNNING, SlotTable
 
 __all__ = ["LokyExecutor"]
 
-logger = logging.getLogger("engine")
+logger = logging.getLogger(__name__)
 
 MAX_RERUNS = 3  # a call sent again this often after deaths with nobody to blame fails
 MAX_START_FAILURES = 3  # workers in a row that die before they answer: stop trying
@@ -95,7 +96,7 @@ class LokyExecutor(Dispatch, Executor):
         self.kills = 0  # workers killed on purpose: cancel, timeout, max_memory
         self.recycled = 0  # workers that left after max_tasks_per_worker or max_memory
         self._spawning: dict[int, asyncio.Future[Worker]] = {}
-        self._pycache: str | None = None  # see _loky_boot.compile_ahead
+        self._pycache: str | None = None  # see boot.compile_ahead
         self._procs: dict[int, Any] = {}  # pid -> process, for the finalizer
         self._finalizer: weakref.finalize[Any, Any] | None = None
 
@@ -114,7 +115,7 @@ class LokyExecutor(Dispatch, Executor):
             if sys.dont_write_bytecode:  # workers would compile their modules: do it once
                 self._pycache = os.path.join(self._dir, "pycache")
                 self._fill()  # the first workers start first, then this, while they start
-                self._helper.submit(_loky_boot.compile_ahead, self._pycache)
+                self._helper.submit(boot.compile_ahead, self._pycache)
         elif self._phase is not Phase.OPEN:
             raise RuntimeError(f"the process executor is {self._phase.value}")
         elif loop is not self._loop:
@@ -260,7 +261,7 @@ class LokyExecutor(Dispatch, Executor):
             self._workers[worker.index] = None
         code = worker.exitcode if worker.exitcode is not None else -9
         for batch in worker.batches:
-            _shm.release(batch.path)
+            shm.release(batch.path)
         jobs = list(worker.jobs.values())
         worker.jobs.clear()
         worker.batches.clear()

@@ -27,19 +27,19 @@ from typing import Any
 import distributed
 import psutil
 
-from ._dask_scatter import ScatterCache
-from ._dask_support import (
+from ..base import Executor, PreparedCall
+from .scatter import ScatterCache
+from .support import (
     Slots,
     hard_exit,
     serialization_error,
     task_function,
     translate_error,
 )
-from .base import Executor, PreparedCall
 
 __all__ = ["DaskExecutor"]
 
-logger = logging.getLogger("engine")
+logger = logging.getLogger(__name__)
 
 # distributed's annotations are partial (untyped functions, optional awaitables): use it untyped
 _dd: Any = distributed

@@ -6,7 +6,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
-from ._aio_worker import ChildHandle
+from .worker import ChildHandle
 
 __all__ = ["SlotLine"]
 

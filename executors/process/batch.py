@@ -19,10 +19,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .base import PreparedCall
+from ..base import PreparedCall
 
 if TYPE_CHECKING:
-    from ._loky_pool import Worker
+    from .pool import Worker
 
 __all__ = ["MAX_BATCH", "SLOW_S", "TARGET_S", "Batch", "CostModel", "Job", "cost_key", "take"]
 

@@ -24,7 +24,7 @@ import aiomultiprocess
 from aiomultiprocess.core import get_context
 from aiomultiprocess.types import Unit
 
-from ._remote import run_pickled_async
+from .._wire.remote import run_pickled_async
 
 __all__ = [
     "CANCEL",

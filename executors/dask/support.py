@@ -17,10 +17,10 @@ from typing import Any
 import cloudpickle
 from distributed import KilledWorker
 
-from engine.errors import SerializationError, WorkerCrashedError
+from statepool.engine.errors import SerializationError, WorkerCrashedError
 
-from ._remote import RemoteTraceback, type_name
-from .base import PreparedCall
+from .._wire.remote import RemoteTraceback, type_name
+from ..base import PreparedCall
 
 __all__ = ["Slots", "hard_exit", "serialization_error", "task_function", "translate_error"]
 

@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import cloudpickle
 
-from .base import PreparedCall
+from ..base import PreparedCall
 
 if TYPE_CHECKING:
-    from engine.errors import WorkerCrashedError
+    from statepool.engine.errors import WorkerCrashedError
 
 # ``engine`` (its package imports the manager, asyncio, ssl...) and ``asyncio`` are imported
 # where they are needed: a worker process that imports this module to run calls starts faster
@@ -96,7 +96,7 @@ def dumps_call(call: PreparedCall) -> bytes:
     try:
         return _dumps((call.state_name, call.fn, call.args, call.kwargs))
     except Exception as exc:
-        from engine.errors import SerializationError
+        from statepool.engine.errors import SerializationError
 
         what, obj = _find_unpicklable(call)
         raise SerializationError(
@@ -230,7 +230,7 @@ def dumps_result(state_name: str, result: object,
                                         buffer_callback=keep_out)
         return data
     except Exception as exc:
-        from engine.errors import SerializationError
+        from statepool.engine.errors import SerializationError
 
         if buffers:
             buffers.clear()
@@ -257,7 +257,7 @@ def _dumps_error(state_name: str, exc: BaseException, tb: str | None = None) -> 
         pickle.loads(data)  # an exception class with a custom __init__ may not rebuild
         return data
     except Exception as pickling_exc:
-        from engine.errors import SerializationError
+        from statepool.engine.errors import SerializationError
 
         error = SerializationError(
             f"state {state_name!r} raised {type_name(exc)}({exc}), which cannot be pickled "
@@ -267,7 +267,7 @@ def _dumps_error(state_name: str, exc: BaseException, tb: str | None = None) -> 
 
 
 def _crash_for(state_name: str, exc: BaseException) -> WorkerCrashedError:
-    from engine.errors import WorkerCrashedError
+    from statepool.engine.errors import WorkerCrashedError
 
     if isinstance(exc, SystemExit):
         code = exc.code if isinstance(exc.code, int) or exc.code is None else 1
@@ -296,7 +296,7 @@ def loads_outcome(data: bytes | bytearray | memoryview,
     try:
         outcome = pickle.loads(data, buffers=buffers)
     except Exception as exc:
-        from engine.errors import SerializationError
+        from statepool.engine.errors import SerializationError
 
         raise SerializationError(
             f"the outcome of a worker process ({len(data)} bytes) cannot be unpickled here "

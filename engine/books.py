@@ -1,0 +1,91 @@
+"""The manager's books: counts by status and executor, the running set, join and put waiters.
+
+One owner for the bookkeeping. A :class:`~statepool.engine.handle.StateHandle` reports each change
+of its status through :meth:`Books.moved` or :meth:`Books.ended`; the manager reads the books and
+waits on them (``join()``, a bounded ``put_state``). Nothing else edits these fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .handle import StateHandle, StateStatus
+
+__all__ = ["Books"]
+
+
+class Books:
+    """Counts by ``StateStatus.index``, states run by executor, what runs now, who waits."""
+
+    __slots__ = ("by_executor", "clock", "counts", "join_waiters", "loop", "put_waiters",
+                 "running", "unfinished")
+
+    def __init__(self, statuses: int) -> None:
+        self.counts: list[int] = [0] * statuses
+        self.by_executor: Counter[str] = Counter()
+        self.running: set[StateHandle] = set()
+        self.unfinished = 0  # handles put and not yet terminal
+        self.join_waiters: list[asyncio.Future[None]] = []
+        self.put_waiters: deque[asyncio.Future[None]] = deque()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.clock: Callable[[], float] = time.monotonic
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Time on ``loop``'s clock (without a Python call where it is asyncio's own)."""
+        self.loop = loop
+        self.clock = time.monotonic if type(loop).time is asyncio.BaseEventLoop.time else loop.time
+
+    def added(self, count: int, queued: StateStatus) -> None:
+        """``count`` new handles, QUEUED."""
+        self.counts[queued.index] += count
+        self.unfinished += count
+
+    def started(self, handle: StateHandle, executor: str) -> None:
+        """``handle`` runs now on ``executor`` (its status was set to RUNNING)."""
+        self.running.add(handle)
+        self.by_executor[executor] += 1
+
+    def moved(self, old: StateStatus, new: StateStatus) -> None:
+        """A handle went from ``old`` to ``new``, neither terminal."""
+        counts = self.counts
+        counts[old.index] -= 1
+        counts[new.index] += 1
+        if old.index == 0 and self.put_waiters:  # it left QUEUED: one producer may put
+            self._let_one_in()
+
+    def ended(self, handle: StateHandle, old: StateStatus, new: StateStatus) -> None:
+        """``handle`` went from ``old`` to the terminal ``new``."""
+        counts = self.counts
+        counts[old.index] -= 1
+        counts[new.index] += 1
+        if old.index == 0 and self.put_waiters:
+            self._let_one_in()
+        self.running.discard(handle)
+        self.unfinished -= 1
+        if not self.unfinished and self.join_waiters:
+            self.release_all()
+
+    def _let_one_in(self) -> None:
+        waiters = self.put_waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def release_all(self) -> None:
+        """Wake every joiner (no handle is unfinished) and every waiting producer (stop)."""
+        waiters, self.join_waiters = self.join_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def wake_producers(self) -> None:
+        for fut in self.put_waiters:
+            if not fut.done():
+                fut.set_result(None)
