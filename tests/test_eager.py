@@ -1,4 +1,5 @@
-"""Eager start of coroutine states (engine/fastpath.py, asyncio's public eager_start on 3.12+): the first step runs at once, a task is made
+"""Eager start of coroutine states (engine/fastpath.py: asyncio's public eager_start, 3.12+):
+the first step runs at once, a task is made
 only when the state waits, and everything a task gives a coroutine stays true meanwhile."""
 
 from __future__ import annotations
