@@ -79,7 +79,7 @@ class Books:
                 return
 
     def release_all(self) -> None:
-        """Wake every joiner (no handle is unfinished) and every waiting producer (stop)."""
+        """Wake every joiner: no handle is unfinished."""
         waiters, self.join_waiters = self.join_waiters, []
         for fut in waiters:
             if not fut.done():

@@ -104,6 +104,8 @@ class FastPaths:
     def _start_submitted(self, handle: StateHandle, state: State, ex: Executor) -> bool:
         """Hand a plain blocking state to an executor's ``submit`` with no task; False if the
         executor has no such path (the state then takes the ordinary one)."""
+        if type(ex).submit is Executor.submit:  # the base's: no submit path, build no call
+            return False
         call = PreparedCall(state.name, state._func_name, state.func, state.args, state.kwargs,
                             is_coro=state._is_coro, is_blocking=True, on_start=handle._started)
         try:
