@@ -129,10 +129,11 @@ class FastPaths:
                 if handle._finish(_CANCELLED):
                     raise  # stopped from outside: let the cancellation through
                 return
-            except (Exception, KeyboardInterrupt, SystemExit) as exc:
-                if not isinstance(exc, Exception):
-                    logged_already()  # _conclude raises it again, out of this task
+            except BaseException as exc:  # GeneratorExit, a user's own: the state fails
                 handle._conclude(False, exc)
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # raised on the loop
+                    logged_already()  # thread: they leave the loop, as asyncio does
+                    raise
                 return
             handle._finish(_SUCCEEDED, result)
         finally:

@@ -175,16 +175,14 @@ class StateHandle:
 
     def _conclude(self, ok: bool, value: Any) -> None:
         """End the one attempt of a state on a fast path (engine/fastpath.py) with its outcome:
-        a result, or what it raised. A failure is logged once; ``SystemExit`` and
-        ``KeyboardInterrupt`` are raised again once the state has failed, as from a task."""
+        a result, or what it raised. A failure is logged once. Never raises: a ``SystemExit``
+        raised on a thread only fails its state (the loop-thread caller re-raises it)."""
         if ok:
             self._finish(_SUCCEEDED, value)
         elif isinstance(value, asyncio.CancelledError):
             self._finish(_CANCELLED)
         elif self._finish(_FAILED, exc=value):
             log_failure(self, self._executor_name or self.state.executor_name, value)
-        if isinstance(value, (KeyboardInterrupt, SystemExit)):
-            raise value
 
     def _set_status(self, status: StateStatus) -> None:
         """A move between non-terminal statuses, reported to the manager's books."""

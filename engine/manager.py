@@ -239,7 +239,7 @@ class StateManager(FastPaths):
         event = handle.state.event
         if event is not None and not event.is_set():
             handle._set_status(_WAITING)
-            gate = self._spawn(event.wait(), handle)
+            gate = self._spawn(_open_gate(handle, event), handle)
             await self._await_own(gate, handle)
             if handle.status is not _WAITING:
                 return
@@ -313,6 +313,7 @@ class StateManager(FastPaths):
                 handle.attempts += 1
                 attempt = handle.attempts
                 handle._timed_out = False
+                away = False  # the function runs in the executor: not on this thread
                 try:
                     if state._has_lazy:
                         args, kwargs = await state._resolve_lazy()
@@ -331,7 +332,9 @@ class StateManager(FastPaths):
                     else:
                         on_start = functools.partial(self._on_start, handle, attempt)
                         call = state._make_function(args, kwargs, on_start=on_start)
+                        away = True
                         result = await executor.run(call)
+                        del call
                 except asyncio.CancelledError:
                     if not handle._timed_out or handle.done():
                         if handle._finish(_CANCELLED):
@@ -344,11 +347,14 @@ class StateManager(FastPaths):
                         f"{state.timeout} s on {ex_name}")
                 except Exception as error:
                     failure = error
-                except (KeyboardInterrupt, SystemExit) as error:  # the state fails; it goes on
-                    if handle._finish(_FAILED, exc=error):
-                        log_failure(handle, ex_name, error)
-                    logged_already()
-                    raise
+                except BaseException as error:  # GeneratorExit, SystemExit, a user's own...
+                    if away or not isinstance(error, (KeyboardInterrupt, SystemExit)):
+                        failure = error  # a thread's, a worker's, a pickling hook's: it fails
+                    else:  # raised by the state's code on the loop thread: it leaves the loop
+                        if handle._finish(_FAILED, exc=error):
+                            log_failure(handle, ex_name, error)
+                        logged_already()
+                        raise
                 else:
                     if handle._finish(_SUCCEEDED, result) and debug:
                         log_exit(handle, ex_name, loop)
@@ -399,7 +405,7 @@ class StateManager(FastPaths):
         event = handle.state.event
         if event is not None and not event.is_set():
             handle._set_status(_WAITING)
-            await self._await_own(self._spawn(event.wait(), handle), handle)
+            await self._await_own(self._spawn(_open_gate(handle, event), handle), handle)
             if handle.done():
                 return
         task = self._spawn(self._run(handle), handle, untrack_when_done=False)
@@ -500,6 +506,19 @@ class StateManager(FastPaths):
         books = self._books
         return (f"<StateManager {phase} queued={books.counts[_QUEUED.index]} "
                 f"running={len(books.running)} unfinished={books.unfinished}>")
+
+
+async def _open_gate(handle: StateHandle, event: asyncio.Event) -> None:
+    """Wait for a state's gate; a gate that cannot be awaited here (an ``asyncio.Event`` bound
+    to another event loop) fails the state, naming it and the field."""
+    try:
+        await event.wait()
+    except RuntimeError as exc:
+        state = handle.state
+        error = ValueError(f"State {state.name!r}: field 'event' cannot be awaited on the "
+                           f"manager's event loop ({exc})")
+        if handle._finish(_FAILED, exc=error):
+            log_failure(handle, state.executor_name, error)
 
 
 def _cancelling(task: asyncio.Task[Any] | None) -> bool:

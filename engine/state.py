@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -140,9 +141,14 @@ class State:
     def _timeout(self, timeout: Any) -> float:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
             raise TypeError(self._field("timeout", "must be a number of seconds", timeout))
-        if not timeout > 0:
-            raise ValueError(self._field("timeout", "must be > 0", timeout))
-        return float(timeout)
+        try:
+            seconds = float(timeout)
+        except OverflowError:  # an int past float's range (10**400)
+            raise ValueError(self._field("timeout", "must be finite seconds > 0", timeout)) \
+                from None
+        if not (seconds > 0 and math.isfinite(seconds)):  # nan, inf, <= 0
+            raise ValueError(self._field("timeout", "must be finite seconds > 0", timeout))
+        return seconds
 
     def _executor_name(self, executor: str | Executor) -> str:
         if isinstance(executor, str):

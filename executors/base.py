@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-__all__ = ["Executor", "OnDone", "PreparedCall", "Submitted"]
+if TYPE_CHECKING:  # a worker process imports this module: asyncio only where it is needed
+    import asyncio
+
+__all__ = ["Executor", "OnDone", "PreparedCall", "Submitted", "fail_future"]
 
 #: ``on_done(True, result)`` or ``on_done(False, exception)``, called on the loop thread
 OnDone = Callable[[bool, Any], None]
@@ -93,6 +96,19 @@ class PreparedCall:
 
     def __repr__(self) -> str:
         return f"<PreparedCall {self.state_name!r} {self.func_name}>"
+
+
+def fail_future(fut: asyncio.Future[Any], exc: BaseException, state_name: str) -> None:
+    """``fut.set_exception(exc)`` unless it is done, and never raising: asyncio refuses a
+    ``StopIteration`` (it would end the awaiting coroutine), so one travels as a
+    ``RuntimeError`` naming the state, with the ``StopIteration`` as its ``__cause__``."""
+    if fut.done():
+        return
+    if isinstance(exc, StopIteration):
+        error = RuntimeError(f"state {state_name!r} raised StopIteration")
+        error.__cause__ = exc
+        exc = error
+    fut.set_exception(exc)
 
 
 class Executor(abc.ABC):

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .base import Executor, OnDone, PreparedCall
+from .base import Executor, OnDone, PreparedCall, fail_future
 
 __all__ = ["ThreadExecutor"]
 
@@ -198,8 +198,8 @@ class ThreadExecutor(Executor):
             if not fut.done():
                 if kind == _OK:
                     fut.set_result(value)
-                else:
-                    fut.set_exception(value)
+                else:  # StopIteration included: asyncio refuses it as it is
+                    fail_future(fut, value, item.call.state_name)
 
     def _check_long_runners(self) -> None:
         """Blocking calls running past ``long_after`` stop counting against ``max_workers``."""

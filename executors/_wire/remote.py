@@ -94,15 +94,35 @@ def _dumps(obj: object) -> bytes:
 def dumps_call(call: PreparedCall) -> bytes:
     """Cloudpickle ``call`` for :func:`run_pickled`; an unpicklable part is a SerializationError."""
     try:
-        return _dumps((call.state_name, call.fn, call.args, call.kwargs))
-    except Exception as exc:
-        from statepool.engine.errors import SerializationError
+        return _name(call) + _dumps((call.fn, call.args, call.kwargs))
+    except BaseException as exc:  # a __reduce__ may raise anything, sys.exit() included
+        raise unpicklable_call(call, exc) from exc
 
-        what, obj = _find_unpicklable(call)
-        raise SerializationError(
-            f"cannot send state {call.state_name!r} to a worker process: its {what} of type "
-            f"{type_name(obj)} cannot be pickled ({type(exc).__name__}: {exc})"
-        ) from exc
+
+def _name(call: PreparedCall) -> bytes:
+    """The state's name, pickled ahead of the call: a worker that cannot unpickle the call
+    still names the state in its error."""
+    return pickle.dumps(str(call.state_name), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpicklable_call(call: PreparedCall, exc: BaseException) -> Exception:
+    """The SerializationError of a call that raised ``exc`` as it was pickled, naming the state
+    and the part at fault. (Whatever the pickling hook raised, ``SystemExit`` included, it only
+    fails the state.)"""
+    from statepool.engine.errors import SerializationError
+
+    what, obj = _find_unpicklable(call)
+    return SerializationError(
+        f"cannot send state {call.state_name!r} to a worker process: its {what} of type "
+        f"{type_name(obj)} cannot be pickled ({type(exc).__name__}: {safe_str(exc)})")
+
+
+def safe_str(obj: object) -> str:
+    """``str(obj)``, or a placeholder when its ``__str__`` raises."""
+    try:
+        return str(obj)
+    except BaseException: # a broken __str__ must not hide the error itself
+        return f"<{type_name(obj)}: str() failed>"
 
 
 class _TooBig(Exception):
@@ -134,11 +154,12 @@ def dumps_call_small(call: PreparedCall, limit: int = INLINE_DUMPS_LIMIT) -> byt
     """
     buffer = _CappedBuffer(limit)
     try:
+        buffer.write(_name(call))
         pickler = cloudpickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
-        pickler.dump((call.state_name, call.fn, call.args, call.kwargs))
+        pickler.dump((call.fn, call.args, call.kwargs))
     except _TooBig:
         return None
-    except Exception:
+    except BaseException:
         return dumps_call(call)  # raises the SerializationError that names the part
     return b"".join(buffer.parts)
 
@@ -151,7 +172,7 @@ def _find_unpicklable(call: PreparedCall) -> tuple[str, object]:
     for what, obj in parts:
         try:
             _dumps(obj)
-        except Exception:
+        except BaseException:
             return what, obj
     return "call", call  # each part pickles alone, not together (a shared object's state?)
 
@@ -164,11 +185,45 @@ def run_pickled(payload: bytes) -> bytes:
 
     Returns the pickled outcome for :func:`loads_outcome`. Never raises.
     """
+    state_name, loaded = _loads_call(payload)
+    if isinstance(loaded, bytes):
+        return loaded
+    return run_call(state_name, *loaded)
+
+
+def _loads_call(payload: bytes) -> tuple[str, tuple[Any, ...] | bytes]:
+    """``(state name, (fn, args, kwargs))``, or ``(state name, pickled error)`` when the call
+    cannot be unpickled here (the name is read first, so the error names the state)."""
+    import io
+
+    stream = io.BytesIO(payload)
+    state_name = "?"
     try:
-        state_name, fn, args, kwargs = pickle.loads(payload)
-    except BaseException as exc:
-        return _dumps_error("?", exc)
-    return run_call(state_name, fn, args, kwargs)
+        state_name = pickle.load(stream)
+        fn, args, kwargs = pickle.load(stream)
+    except BaseException as exc:  # a __reduce__ may raise anything, sys.exit() included
+        return state_name, dumps_error(state_name, unloadable_call(state_name, exc))
+    # (an Exception keeps its type, as the function's own would)
+    return state_name, (fn, args, kwargs)
+
+
+def unloadable_call(state_name: str | None, exc: BaseException) -> BaseException:
+    """What a call that raised ``exc`` as a worker unpickled it fails with: an ``Exception``
+    as it is (its type kept), anything else (``SystemExit`` from a ``__reduce__``) as a
+    SerializationError naming the state (``None``: the parent names it)."""
+    import os
+
+    if isinstance(exc, Exception):
+        return exc
+
+    from statepool.engine.errors import SerializationError
+
+    who = "a call" if state_name is None else f"state {state_name!r}"
+    error = SerializationError(
+        f"{who} cannot be unpickled in worker process {os.getpid()} "
+        f"({type_name(exc)}: {safe_str(exc)})")
+    error.__cause__ = None
+    return error
 
 
 def run_call(state_name: str, fn: Callable[..., Any], args: tuple[Any, ...],
@@ -185,6 +240,7 @@ def run_call(state_name: str, fn: Callable[..., Any], args: tuple[Any, ...],
             result = asyncio.run(_await(result))
     except BaseException as exc:
         return _dumps_error(state_name, exc)
+    del fn, args, kwargs
     return dumps_result(state_name, result, buffers, keep_out)
 
 
@@ -192,9 +248,12 @@ async def run_pickled_async(payload: bytes) -> bytes:
     """:func:`run_pickled` for a worker that already runs an event loop: awaits a coroutine."""
     import asyncio
 
-    state_name = "?"
+    state_name, loaded = _loads_call(payload)
+    if isinstance(loaded, bytes):
+        return loaded
     try:
-        state_name, fn, args, kwargs = pickle.loads(payload)
+        fn, args, kwargs = loaded
+        del loaded
         result = fn(*args, **kwargs)
         if inspect.isawaitable(result):
             result = await result
@@ -225,20 +284,27 @@ def dumps_result(state_name: str, result: object,
     except Exception:  # a lambda, a local class...: cloudpickle carries it
         if buffers:
             buffers.clear()
+    except BaseException as exc:  # a __reduce__ that calls sys.exit(): the state fails
+        return _unpicklable_result(state_name, result, exc, buffers)
     try:
         data: bytes = cloudpickle.dumps((_OK, result), protocol=pickle.HIGHEST_PROTOCOL,
                                         buffer_callback=keep_out)
         return data
-    except Exception as exc:
-        from statepool.engine.errors import SerializationError
+    except BaseException as exc:  # whatever a __reduce__ raises only fails the state
+        return _unpicklable_result(state_name, result, exc, buffers)
 
-        if buffers:
-            buffers.clear()
-        error = SerializationError(
-            f"state {state_name!r} returned a {type_name(result)} that cannot be pickled back "
-            f"to the parent process ({type(exc).__name__}: {exc})"
-        )
-        return _dumps_error(state_name, error, _format(exc))
+
+def _unpicklable_result(state_name: str, result: object, exc: BaseException,
+                        buffers: list[pickle.PickleBuffer] | None) -> bytes:
+    from statepool.engine.errors import SerializationError
+
+    if buffers:
+        buffers.clear()
+    error = SerializationError(
+        f"state {state_name!r} returned a {type_name(result)} that cannot be pickled back "
+        f"to the parent process ({type(exc).__name__}: {safe_str(exc)})"
+    )
+    return _dumps_error(state_name, error, _format(exc))
 
 
 def dumps_error(state_name: str, exc: BaseException) -> bytes:
@@ -248,7 +314,7 @@ def dumps_error(state_name: str, exc: BaseException) -> bytes:
 
 def _dumps_error(state_name: str, exc: BaseException, tb: str | None = None) -> bytes:
     if tb is None:
-        tb = _format(exc)
+        tb = _format_safely(exc)
     if not isinstance(exc, Exception):
         exc = _crash_for(state_name, exc)
     exc.__traceback__ = None  # its frames may hold what does not pickle
@@ -256,14 +322,23 @@ def _dumps_error(state_name: str, exc: BaseException, tb: str | None = None) -> 
         data = _dumps((_ERR, exc, tb))
         pickle.loads(data)  # an exception class with a custom __init__ may not rebuild
         return data
-    except Exception as pickling_exc:
+    except BaseException as pickling_exc:  # its __reduce__ may raise anything
         from statepool.engine.errors import SerializationError
 
         error = SerializationError(
-            f"state {state_name!r} raised {type_name(exc)}({exc}), which cannot be pickled "
-            f"back to the parent process ({type(pickling_exc).__name__}: {pickling_exc})"
+            f"state {state_name!r} raised {type_name(exc)}({safe_str(exc)}), which cannot be "
+            f"pickled back to the parent process ({type(pickling_exc).__name__}: "
+            f"{safe_str(pickling_exc)})"
         )
         return _dumps((_ERR, error, tb))
+
+
+def _format_safely(exc: BaseException) -> str:
+    try:
+        return _format(exc)
+    except BaseException: # its __str__ raises: the frames still help
+        lines = traceback.format_tb(exc.__traceback__)
+        return "".join(lines) + f"{type_name(exc)}: <str() failed>\n"
 
 
 def _crash_for(state_name: str, exc: BaseException) -> WorkerCrashedError:
@@ -290,22 +365,33 @@ def _format(exc: BaseException) -> str:
 
 
 def loads_outcome(data: bytes | bytearray | memoryview,
-                  buffers: list[memoryview] | None = None) -> Any:
+                  buffers: list[memoryview] | None = None, state_name: str | None = None) -> Any:
     """The result carried by ``data`` (and its out-of-band ``buffers``), or raise its exception
-    (``__cause__``: the worker's traceback)."""
+    (``__cause__``: the worker's traceback). Whatever unpickling raises (``SystemExit`` from a
+    ``__reduce__`` included) becomes a SerializationError naming ``state_name``."""
     try:
         outcome = pickle.loads(data, buffers=buffers)
-    except Exception as exc:
+    except BaseException as exc:  # only fails the state: it must not leave the event loop
         from statepool.engine.errors import SerializationError
 
+        who = "a worker process" if state_name is None else f"state {state_name!r}"
         raise SerializationError(
-            f"the outcome of a worker process ({len(data)} bytes) cannot be unpickled here "
-            f"({type(exc).__name__}: {exc})"
+            f"the outcome of {who} ({len(data)} bytes) cannot be unpickled here "
+            f"({type(exc).__name__}: {safe_str(exc)})"
         ) from exc
     if outcome[0] == _OK:
         return outcome[1]
     _, error, tb = outcome
     raise error from RemoteTraceback(tb)
+
+
+def _loads_either(data: bytes, state_name: str) -> tuple[bool, Any]:
+    """``(True, result)`` or ``(False, exception)`` of :func:`loads_outcome`: never raises, so
+    a thread hands any outcome to the loop (asyncio refuses a ``StopIteration``)."""
+    try:
+        return True, loads_outcome(data, None, state_name)
+    except BaseException as exc:
+        return False, exc
 
 
 class OffLoop:
@@ -335,10 +421,16 @@ class OffLoop:
     async def dumps_call(self, call: PreparedCall) -> bytes:
         return await self.run(dumps_call, call)
 
-    async def loads_outcome(self, data: bytes) -> Any:
+    async def loads_outcome(self, data: bytes, state_name: str = "?") -> Any:
         if len(data) <= INLINE_LOADS_LIMIT:
-            return loads_outcome(data)
-        return await self.run(loads_outcome, data)
+            ok, value = _loads_either(data, state_name)
+        else:
+            ok, value = await self.run(_loads_either, data, state_name)
+        if ok:
+            return value
+        if isinstance(value, StopIteration):  # raised here it would end this coroutine
+            raise RuntimeError(f"state {state_name!r} raised StopIteration") from value
+        raise value
 
     def close(self) -> None:
         pool, self._pool = self._pool, None

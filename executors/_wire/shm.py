@@ -125,13 +125,13 @@ def pack(calls: Sequence[PreparedCall], *, inline: bool) -> Packed | None:
         return _pack(items, inline)
     except _TooBig:
         return None
-    except Exception as exc:  # find the calls at fault, pack the others
+    except BaseException as exc:  # find the calls at fault (a __reduce__ may even sys.exit())
         error = exc
     failed: dict[int, BaseException] = {}
     for i, call in enumerate(calls):
         try:
             dumps_call(call)
-        except Exception as exc:
+        except Exception as exc:  # a SerializationError naming the state and the part
             failed[i] = exc
             items[i] = None
     if not failed:  # each pickles alone but not with the others: the caller sends them apart

@@ -229,7 +229,7 @@ class AioProcessExecutor(Executor):
                 self._abandon(job)
                 raise
             if kind == DONE:
-                return await self._pickler.loads_outcome(body)
+                return await self._pickler.loads_outcome(body, call.state_name)
             if kind == CANCELLED:  # the coroutine raised CancelledError itself
                 raise asyncio.CancelledError()
 

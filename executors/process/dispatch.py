@@ -17,9 +17,11 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from statepool.engine.errors import SerializationError
+
 from .._wire import shm
 from .._wire.remote import INLINE_LOADS_LIMIT, loads_outcome
-from ..base import PreparedCall
+from ..base import PreparedCall, fail_future
 from .batch import MAX_BATCH, SLOW_S, Batch, CostModel, Job, take
 from .pool import Frame, Worker
 from .worker import BAD, BATCH, BYE, DONE, FRAME, READY, RUNNING, SKIP, SlotTable
@@ -126,7 +128,7 @@ class Dispatch:
         calls = [job.call for job in jobs]
         try:
             packed = shm.pack(calls, inline=True)
-        except Exception:  # they pickle apart, not together
+        except BaseException:  # they pickle apart, not together
             packed = None
         if packed is not None and not packed.buffers:
             self._send(worker, batch, first, packed, None)
@@ -233,9 +235,9 @@ class Dispatch:
                 batch.slow = True  # type: ignore[union-attr]
             if not meta_len and len(body) <= INLINE_LOADS_LIMIT:  # the common case, inline
                 try:
-                    job.fut.set_result(loads_outcome(body))
+                    job.fut.set_result(loads_outcome(body, None, job.call.state_name))
                 except BaseException as exc:  # the call's own exception
-                    job.fut.set_exception(exc)
+                    fail_future(job.fut, exc, job.call.state_name)
             elif len(body) - meta_len <= INLINE_LOADS_LIMIT:
                 self._settle(job, body, meta_len)
             else:
@@ -247,21 +249,21 @@ class Dispatch:
             self._batch_over(worker, batch)
 
     @staticmethod
-    def _load(body: bytes | bytearray, meta_len: int) -> Any:
+    def _load(body: bytes | bytearray, meta_len: int, state_name: str) -> Any:
         """The result (or raise the exception) of a ``DONE`` body; a result's file of
         out-of-band buffers is removed once mapped."""
         if not meta_len:
-            return loads_outcome(body)
+            return loads_outcome(body, None, state_name)
         meta = body[:meta_len]
         try:
             buffers = shm.map_buffers(meta)
         finally:
             shm.release(shm.meta_path(meta))
-        return loads_outcome(memoryview(body)[meta_len:], buffers)
+        return loads_outcome(memoryview(body)[meta_len:], buffers, state_name)
 
     def _settle(self, job: Job, body: bytes | bytearray, meta_len: int) -> None:
         try:
-            value = self._load(body, meta_len)
+            value = self._load(body, meta_len, job.call.state_name)
         except BaseException as exc:  # the call's own exception
             self._fail(job, exc)
         else:
@@ -270,7 +272,7 @@ class Dispatch:
 
     def _settle_off_loop(self, job: Job, body: bytes | bytearray, meta_len: int) -> None:
         try:
-            value, ok = self._load(body, meta_len), True
+            value, ok = self._load(body, meta_len, job.call.state_name), True
         except BaseException as exc:
             value, ok = exc, False
         self._threadsafe(self._settled, job, value, ok)
@@ -281,7 +283,7 @@ class Dispatch:
         if ok:
             job.fut.set_result(value)
         else:
-            job.fut.set_exception(value)
+            fail_future(job.fut, value, job.call.state_name)
 
     def _batch_over(self, worker: Worker, batch: Batch) -> None:
         if batch in worker.batches:
@@ -302,7 +304,13 @@ class Dispatch:
         batch = jobs[0].batch
         assert batch is not None
         if len(batch.jobs) == 1:
-            self._settle(jobs[0], body, 0)
+            job = jobs[0]
+            try:
+                loads_outcome(body)
+            except SerializationError as exc:  # the worker's own: the parent names the state
+                self._fail(job, unloadable(job, exc))
+            except BaseException as exc:  # what the unpickling raised, its type kept
+                self._fail(job, exc)
         else:
             self._requeue([job for job in jobs if not job.fut.done()], solo=True)
         batch.left -= len(jobs)
@@ -318,8 +326,7 @@ class Dispatch:
 
     @staticmethod
     def _fail(job: Job, exc: BaseException) -> None:
-        if not job.fut.done():
-            job.fut.set_exception(exc)
+        fail_future(job.fut, exc, job.call.state_name)
 
     # -- cancel ----------------------------------------------------------------------------
 
@@ -383,3 +390,11 @@ class Dispatch:
 
     def _watch(self) -> None:
         """Calls were sent: a subclass that watches the busy workers starts now."""
+
+
+def unloadable(job: Job, exc: BaseException) -> Exception:
+    """The error of a call its worker could not unpickle (``exc``: the worker's), naming it."""
+    call = job.call
+    error = SerializationError(f"state {call.state_name!r} ({call.func_name}): {exc}")
+    error.__cause__ = exc
+    return error

@@ -32,7 +32,7 @@ import time
 import weakref
 from typing import Any
 
-from .._wire.remote import dumps_error, run_call
+from .._wire.remote import dumps_error, run_call, unloadable_call
 from .._wire.shm import keep_out, map_buffers, write_buffers
 
 __all__ = [
@@ -185,8 +185,8 @@ def worker_main(sock: socket.socket, table_path: str, nslots: int, base: int, ri
             break
         try:
             calls = load_batch(body, meta)
-        except BaseException as exc:  # reported to the parent, which decides
-            error = dumps_error("?", exc)
+        except BaseException as exc:  # reported to the parent, which names the state
+            error = dumps_error("?", unloadable_call(None, exc))
             send(FRAME.pack(BAD, seq, count, 0, len(error), 0.0) + error)
             continue
         del body, meta, frame
