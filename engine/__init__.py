@@ -10,6 +10,7 @@ from .errors import (
     StateTimeoutError,
     WorkerCrashedError,
 )
+from .events import StateEvent
 from .handle import StateHandle, StateStatus
 from .manager import ManagerStats, StateManager
 from .state import State
@@ -22,6 +23,7 @@ __all__ = [
     "ManagerStoppedError",
     "SerializationError",
     "State",
+    "StateEvent",
     "StateHandle",
     "StateManager",
     "StateStatus",

@@ -3,6 +3,11 @@
 One owner for the bookkeeping. A :class:`~statepool.engine.handle.StateHandle` reports each change
 of its status through :meth:`Books.moved` or :meth:`Books.ended`; the manager reads the books and
 waits on them (``join()``, a bounded ``put_state``). Nothing else edits these fields.
+
+The books also carry the lifecycle events (engine/events.py): ``hub`` is ``None`` while nobody
+listens, so an unobserved manager pays one attribute check per change. The hooks are
+:meth:`queued`, :meth:`moved` (waiting), :meth:`attempt_started`, :meth:`retrying` and
+:meth:`ended`.
 """
 
 from __future__ import annotations
@@ -10,10 +15,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from .timings import marks_of
+
 if TYPE_CHECKING:
+    from .events import EventHub
     from .handle import StateHandle, StateStatus
 
 __all__ = ["Books"]
@@ -22,8 +30,8 @@ __all__ = ["Books"]
 class Books:
     """Counts by ``StateStatus.index``, states run by executor, what runs now, who waits."""
 
-    __slots__ = ("by_executor", "clock", "counts", "join_waiters", "loop", "put_waiters",
-                 "running", "unfinished")
+    __slots__ = ("by_executor", "clock", "counts", "hub", "join_waiters", "loop", "put_waiters",
+                 "running", "spare_hub", "unfinished")
 
     def __init__(self, statuses: int) -> None:
         self.counts: list[int] = [0] * statuses
@@ -34,6 +42,8 @@ class Books:
         self.put_waiters: deque[asyncio.Future[None]] = deque()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.clock: Callable[[], float] = time.monotonic
+        self.hub: EventHub | None = None  # set while someone listens to the events
+        self.spare_hub: EventHub | None = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Time on ``loop``'s clock (without a Python call where it is asyncio's own)."""
@@ -45,18 +55,57 @@ class Books:
         self.counts[queued.index] += count
         self.unfinished += count
 
+    def queued(self, handles: Sequence[StateHandle]) -> None:
+        """``handles`` were put (after :meth:`added`): their ``"queued"`` events."""
+        hub = self.hub
+        if hub is not None:
+            hub.queued(handles)
+
     def started(self, handle: StateHandle, executor: str) -> None:
         """``handle`` runs now on ``executor`` (its status was set to RUNNING)."""
         self.running.add(handle)
         self.by_executor[executor] += 1
 
-    def moved(self, old: StateStatus, new: StateStatus) -> None:
+    def attempt_started(self, handle: StateHandle) -> None:
+        """An attempt of ``handle`` started in its executor (``started_at`` was just set): its
+        ``"started"`` event. Callers on hot paths check ``books.hub`` first."""
+        hub = self.hub
+        if hub is not None:
+            hub.started(handle)
+
+    def retrying(self, handle: StateHandle, error: BaseException, delay: float) -> None:
+        """The attempt of ``handle`` failed with ``error``; another follows in ``delay`` s."""
+        marks = handle._marks
+        if marks is not None:
+            marks.settle()
+        hub = self.hub
+        if hub is not None:
+            hub.retrying(handle, error, delay)
+
+    def moved(self, old: StateStatus, new: StateStatus,
+              handle: StateHandle | None = None) -> None:
         """A handle went from ``old`` to ``new``, neither terminal."""
         counts = self.counts
         counts[old.index] -= 1
         counts[new.index] += 1
         if old.index == 0 and self.put_waiters:  # it left QUEUED: one producer may put
             self._let_one_in()
+        if (new.index == 1 or old.index == 1) and handle is not None:  # WAITING
+            self._waits(handle, old, new)
+
+    def _waits(self, handle: StateHandle, old: StateStatus, new: StateStatus) -> None:
+        now = self.clock()
+        marks = marks_of(handle)
+        if old.index == 1 and marks.wait_from is not None:
+            marks.waited += now - marks.wait_from
+            marks.wait_from = None
+        if new.index == 1:
+            if marks.left_at is None:
+                marks.left_at = now
+            marks.wait_from = now
+            hub = self.hub
+            if hub is not None:
+                hub.waiting(handle, now)
 
     def ended(self, handle: StateHandle, old: StateStatus, new: StateStatus) -> None:
         """``handle`` went from ``old`` to the terminal ``new``."""
@@ -65,8 +114,17 @@ class Books:
         counts[new.index] += 1
         if old.index == 0 and self.put_waiters:
             self._let_one_in()
+        marks = handle._marks
+        if marks is not None:
+            marks.settle()
+            if marks.wait_from is not None:
+                marks.waited += (handle.finished_at or self.clock()) - marks.wait_from
+                marks.wait_from = None
         self.running.discard(handle)
         self.unfinished -= 1
+        hub = self.hub
+        if hub is not None:
+            hub.ended(handle)
         if not self.unfinished and self.join_waiters:
             self.release_all()
 

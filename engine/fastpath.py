@@ -29,6 +29,7 @@ from statepool.executors.base import Executor, PreparedCall
 from .handle import StateHandle, StateStatus
 from .log import logger
 from .state import State
+from .timings import marks_of
 
 if TYPE_CHECKING:
     from .books import Books
@@ -86,7 +87,10 @@ class FastPaths:
         loop = self._loop
         assert loop is not None
         self._begin(handle, state)
-        handle.started_at = self._books.clock()
+        books = self._books
+        handle.started_at = books.clock()
+        if books.hub is not None:
+            books.hub.started(handle)
         coro = self._plain_attempt(handle, state)
         ctx = handle._context()
         if not state.is_blocking:
@@ -108,6 +112,7 @@ class FastPaths:
             return False
         call = PreparedCall(state.name, state._func_name, state.func, state.args, state.kwargs,
                             is_coro=state._is_coro, is_blocking=True, on_start=handle._started)
+        marks_of(handle).call = call  # its worker and run time, for timings and events
         try:
             submitted = ex.submit(call, handle._conclude)
         except Exception as exc:  # the executor is shut down

@@ -9,10 +9,12 @@ from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 from .log import log_failure
+from .timings import timings_of
 
 if TYPE_CHECKING:
     from .books import Books
     from .state import State
+    from .timings import Marks
 
 __all__ = ["TERMINAL", "SharedContext", "StateHandle", "StateStatus"]
 
@@ -63,6 +65,7 @@ class StateHandle:
         "_ctx",
         "_exception",
         "_executor_name",
+        "_marks",
         "_result",
         "_task",
         "_timed_out",
@@ -93,6 +96,7 @@ class StateHandle:
         self._timed_out = False
         self._timer: asyncio.TimerHandle | None = None
         self._executor_name: str | None = None
+        self._marks: Marks | None = None  # engine/timings.py: the last attempt's marks
 
     # -- the Future-like surface ---------------------------------------------------------
 
@@ -156,6 +160,14 @@ class StateHandle:
             yield from fut.__await__()
         return self.result()
 
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds in each phase of the last attempt: ``queued``, ``waiting`` (gate,
+        dependencies, tag slots, retry delay), ``resolving`` (lazy arguments), ``dispatch``
+        (serialisation, waiting for a free worker), ``running`` (measured in the worker where
+        the executor says), ``returning`` (the result's way back); absent phases are 0.0."""
+        return timings_of(self, self._books.clock())
+
     # -- engine side -----------------------------------------------------------------------
 
     def _context(self, keep: bool = True) -> contextvars.Context:
@@ -171,7 +183,10 @@ class StateHandle:
 
     def _started(self) -> None:
         """Its call started on a thread (``StateManager._start_on_thread``)."""
-        self.started_at = self._books.clock()
+        books = self._books
+        self.started_at = books.clock()
+        if books.hub is not None:
+            books.hub.started(self)
 
     def _conclude(self, ok: bool, value: Any) -> None:
         """End the one attempt of a state on a fast path (engine/fastpath.py) with its outcome:
@@ -187,7 +202,7 @@ class StateHandle:
     def _set_status(self, status: StateStatus) -> None:
         """A move between non-terminal statuses, reported to the manager's books."""
         old, self.status = self.status, status
-        self._books.moved(old, status)
+        self._books.moved(old, status, self)
 
     def _finish(self, status: StateStatus, result: Any = None,
                 exc: BaseException | None = None) -> bool:

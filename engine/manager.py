@@ -20,11 +20,13 @@ from statepool.executors.base import Executor
 from . import current
 from .books import Books
 from .errors import ManagerStoppedError, StateTimeoutError
+from .events import EventSource
 from .fastpath import FastPaths, logged_already
 from .handle import SharedContext, StateHandle, StateStatus
 from .log import log_enter, log_exit, log_failure, log_retry, logger
 from .state import State
 from .stats import ManagerStats, snapshot
+from .timings import marks_of
 
 __all__ = ["ManagerStats", "StateManager"]
 
@@ -34,7 +36,7 @@ _HAS_TASK_CONTEXT = sys.version_info >= (3, 11)
 _TURN = 0.005  # seconds the main loop runs eager states before it yields to the event loop
 
 
-class StateManager(FastPaths):
+class StateManager(FastPaths, EventSource):
     """Runs states in the order they were put, each in its executor.
 
     ``StateManager.instance()`` is the process-wide manager; ``StateManager(...)`` builds an
@@ -164,7 +166,10 @@ class StateManager(FastPaths):
     def _queued(self, handles: Sequence[StateHandle]) -> None:
         """``handles`` join the queue (new, QUEUED); the main loop wakes if it waits."""
         self._queue.extend(handles)
-        self._books.added(len(handles), _QUEUED)
+        books = self._books
+        books.added(len(handles), _QUEUED)
+        if books.hub is not None:
+            books.queued(handles)
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
@@ -265,10 +270,11 @@ class StateManager(FastPaths):
         assert loop is not None
         if handle is None:
             task = loop.create_task(coro)
-        elif _HAS_TASK_CONTEXT:
-            task = loop.create_task(coro, context=handle._context())  # type: ignore[call-arg]
+        elif _HAS_TASK_CONTEXT:  # named after the state (asyncio.all_tasks(), asyncio ps)
+            task = loop.create_task(coro, name=handle.state.name,  # type: ignore[call-arg]
+                                    context=handle._context())
         else:  # pragma: no cover - Python 3.10
-            task = handle._context().run(loop.create_task, coro)
+            task = handle._context().run(loop.create_task, coro, name=handle.state.name)
         if handle is not None:
             handle._task = task
         self._tasks.add(task)
@@ -309,14 +315,17 @@ class StateManager(FastPaths):
             self._books.started(handle, ex_name)
             inline = executor.runs_on_loop  # the engine calls the function: no PreparedCall
             debug = logger.isEnabledFor(logging.DEBUG)
+            books, marks = self._books, marks_of(handle)
             while True:
                 handle.attempts += 1
                 attempt = handle.attempts
                 handle._timed_out = False
                 away = False  # the function runs in the executor: not on this thread
+                marks.attempt(books.clock())
                 try:
                     if state._has_lazy:
                         args, kwargs = await state._resolve_lazy()
+                        marks.t1 = books.clock()
                     else:
                         args, kwargs = state.args, state.kwargs
                     if debug:
@@ -324,6 +333,8 @@ class StateManager(FastPaths):
                     if inline:
                         if state.timeout is None:
                             handle.started_at = loop.time()
+                            if books.hub is not None:
+                                books.hub.started(handle)
                         else:
                             self._on_start(handle, attempt)
                         result = state.func(*args, **kwargs)
@@ -331,7 +342,8 @@ class StateManager(FastPaths):
                             result = await result
                     else:
                         on_start = functools.partial(self._on_start, handle, attempt)
-                        call = state._make_function(args, kwargs, on_start=on_start)
+                        call = marks.call = state._make_function(args, kwargs,
+                                                                 on_start=on_start)
                         away = True
                         result = await executor.run(call)
                         del call
@@ -367,6 +379,7 @@ class StateManager(FastPaths):
                     handle._timer = None
                 if attempt <= state.retries:
                     log_retry(handle, ex_name, failure)
+                    books.retrying(handle, failure, 0.0)
                     continue
                 handle._finish(_FAILED, exc=failure)
                 log_failure(handle, ex_name, failure)
@@ -378,6 +391,9 @@ class StateManager(FastPaths):
         loop = self._loop
         assert loop is not None
         handle.started_at = loop.time()
+        hub = self._books.hub
+        if hub is not None:
+            hub.started(handle)
         timeout = handle.state.timeout
         if timeout is not None and handle.attempts == attempt and not handle.done():
             handle._timer = loop.call_later(timeout, self._time_out, handle, attempt)
@@ -398,6 +414,7 @@ class StateManager(FastPaths):
         loop = self._bind_loop()
         handle = StateHandle(state, self._books, loop.time(), contextvars.copy_context())
         self._books.added(1, _QUEUED)
+        self._books.queued((handle,))
         self._spawn(self._detached(handle), None)
         return handle
 
@@ -465,6 +482,8 @@ class StateManager(FastPaths):
             except Exception:
                 logger.exception("executor %r failed to shut down", ex.name)
         self._stopped = True
+        if self._books.spare_hub is not None:
+            self._books.spare_hub.close()  # every events() iterator ends
         logger.debug("manager stopped: %s", self.stats().by_status)
 
     # -- async with ------------------------------------------------------------------------

@@ -9,7 +9,10 @@ answers with its result or its exception. Its duties:
 * when the task awaiting ``run()`` is cancelled (the state was cancelled or timed out), stop the
   work if the backend can (a process backend terminates the worker) and let ``CancelledError``
   propagate;
-* never block the event loop thread.
+* never block the event loop thread;
+* where it knows them, set ``call.worker`` (a PID, a thread name, a Dask worker address; before
+  ``call.started()`` where it can) and ``call.ran_s`` (seconds the call ran, measured where it
+  ran) for the state's events and ``handle.timings``.
 
 Optional capabilities, which the engine asks for (never a backend's class):
 
@@ -56,8 +59,10 @@ class PreparedCall:
         "is_blocking",
         "is_coro",
         "kwargs",
+        "ran_s",
         "state_name",
         "timeout",
+        "worker",
     )
 
     def __init__(
@@ -82,6 +87,10 @@ class PreparedCall:
         self.is_blocking = is_blocking
         self.timeout = timeout
         self._on_start = on_start
+        #: where it ran (a PID, a thread name, a Dask worker address), set by the backend
+        self.worker: int | str | None = None
+        #: seconds it ran, measured where it ran, set by the backend where it knows
+        self.ran_s: float | None = None
 
     def started(self) -> None:
         """Tell the engine the call is running now (loop thread only; idempotent)."""

@@ -225,6 +225,8 @@ class ThreadExecutor(Executor):
 
     def _worker(self) -> None:
         work = self._work
+        name = threading.current_thread().name
+        clock = time.perf_counter
         while True:
             try:
                 item = work.get(timeout=self.idle_timeout)
@@ -237,8 +239,13 @@ class ThreadExecutor(Executor):
                 return
             if not item.abandoned:
                 item.started = time.monotonic()
+                call = item.call
+                call.worker = name
                 self._post(item, _START, None)
-                ok, value = _call(item.call)
+                t0 = clock()
+                ok, value = _call(call)
+                call.ran_s = clock() - t0
+                del call
                 self._post(item, _OK if ok else _ERR, value)
                 del value
             del item

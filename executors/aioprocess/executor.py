@@ -222,6 +222,7 @@ class AioProcessExecutor(Executor):
             job.child = child
             child.in_flight[job.tid] = job
             child.send(frame(RUN, job.tid, job.payload))
+            call.worker = child.pid
             call.started()
             try:
                 kind, body = await future

@@ -188,8 +188,10 @@ class Dispatch:
         batch.begun = True
         assert self._loop is not None
         batch.begun_at = self._loop.time()
+        pid = batch.worker.pid
         for job in batch.jobs:
             if not job.fut.done():
+                job.call.worker = pid
                 job.call.started()
 
     def _threadsafe(self, callback: Any, *args: Any) -> None:
@@ -230,6 +232,7 @@ class Dispatch:
                 self._requeue([job], solo=True)  # another worker
         else:
             batch = job.batch
+            job.call.ran_s = seconds
             self._model.observe(job.key, seconds)
             if seconds >= SLOW_S:
                 batch.slow = True  # type: ignore[union-attr]
