@@ -7,6 +7,7 @@ A row whose executor is missing, or answers ``ImportError``, ``NotImplementedErr
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -17,6 +18,7 @@ from .harness import NotAvailable
 __all__ = [
     "BASELINE_OF",
     "EXECUTORS",
+    "GATHER_ROW",
     "UNAVAILABLE",
     "StatepoolBackend",
     "rows",
@@ -55,14 +57,18 @@ def _const(value: Any) -> Callable[[], Any]:
 
 
 class StatepoolBackend(Backend):
-    """A ``StateManager`` owning one executor; every call is a ``State`` put on its queue."""
+    """A ``StateManager`` owning one executor; every call is a ``State`` put on its queue.
+
+    A batch is awaited through ``manager.join()``, or with ``awaits="gather"`` through
+    ``asyncio.gather(*handles)`` (the line most users write: handles are asyncio futures)."""
 
     kind = "statepool"
 
-    def __init__(self, workers: int, executor: str) -> None:
+    def __init__(self, workers: int, executor: str, awaits: str = "join") -> None:
         super().__init__(workers)
         self.executor = executor
-        self.label = f"statepool {executor}"
+        self.awaits = awaits
+        self.label = f"statepool {executor}" + (" gather(*handles)" if awaits == "gather" else "")
         self.coro = executor in ("inline", "aioprocess")
         self.remote = executor in ("process", "aioprocess", "dask")
         self._manager: Any = None
@@ -90,6 +96,8 @@ class StatepoolBackend(Backend):
         manager = self._manager
         try:
             handles = await manager.put_states([self.state(name, a, lazy) for a in args])
+            if self.awaits == "gather":
+                return list(await asyncio.gather(*handles))
             await manager.join()
         except UNAVAILABLE as exc:
             raise NotAvailable(
@@ -112,19 +120,27 @@ class StatepoolBackend(Backend):
             await manager.__aexit__(et, e, tb)
 
 
-def statepool_factories(names: tuple[str, ...] = EXECUTORS) -> dict[str, Callable[[int], Backend]]:
-    """statepool rows by label; dask only when ``distributed`` is importable."""
+GATHER_ROW = "statepool inline gather(*handles)"
+
+
+def statepool_factories(names: tuple[str, ...] = EXECUTORS, *, gather_row: bool = False,
+                        ) -> dict[str, Callable[[int], Backend]]:
+    """statepool rows by label; dask only when ``distributed`` is importable; with
+    ``gather_row``, inline states awaited through ``asyncio.gather(*handles)`` too."""
     out: dict[str, Callable[[int], Backend]] = {}
     for name in names:
         if name == "dask" and not has_dask():
             continue
         out[f"statepool {name}"] = lambda w, name=name: StatepoolBackend(w, name)  # type: ignore[misc]
+        if name == "inline" and gather_row:
+            out[GATHER_ROW] = lambda w: StatepoolBackend(w, "inline", "gather")
     return out
 
 
 # The baseline each statepool row is compared with (its ratio): the library it stands for.
 BASELINE_OF = {
     "statepool inline": "asyncio gather(create_task)",
+    GATHER_ROW: "asyncio gather(create_task)",
     "statepool thread": "ThreadPoolExecutor",
     "statepool process": "loky (direct)",
     "statepool aioprocess": "aiomultiprocess apply",
@@ -134,7 +150,8 @@ BASELINE_OF = {
 Row = tuple[str, Callable[[int], Backend], str, "str | None"]
 
 
-def rows(baselines: tuple[str, ...], executors: tuple[str, ...]) -> list[Row]:
+def rows(baselines: tuple[str, ...], executors: tuple[str, ...], *,
+         gather_row: bool = False) -> list[Row]:
     """``(label, factory, kind, baseline label)``: first the baselines that no statepool row is
     compared with, then each compared baseline followed at once by its statepool row.
 
@@ -145,13 +162,13 @@ def rows(baselines: tuple[str, ...], executors: tuple[str, ...]) -> list[Row]:
     from .baselines import baseline_factories
 
     found = baseline_factories()
-    mine = statepool_factories(executors)
+    mine = statepool_factories(executors, gather_row=gather_row)
     paired = {BASELINE_OF[label] for label in mine}
     out: list[Row] = [(label, found[label], "baseline", None)
                       for label in baselines if label in found and label not in paired]
     for label, factory in mine.items():
         base = BASELINE_OF[label]
-        if base in baselines and base in found:
+        if base in baselines and base in found and label != GATHER_ROW:
             out.append((base, found[base], "baseline", None))
         out.append((label, factory, "statepool", base))
     return out

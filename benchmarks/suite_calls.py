@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .baselines import Backend
-from .cases import rows
+from .cases import GATHER_ROW, rows
 from .harness import Case, Config, Figure, Runner, now, percentile, repeat, templates
 
 __all__ = ["dispatch_cases", "latency_cases"]
@@ -32,7 +32,7 @@ _EXECUTORS = ("inline", "thread", "process", "aioprocess", "dask")
 # calls per repetition (full run), chosen so that a repetition takes 0.1-1 s here
 _BATCH = {
     "asyncio gather(create_task)": 20_000, "asyncio.Queue consumer": 20_000,
-    "statepool inline": 20_000, "joblib.Parallel (sync)": 20_000,
+    "statepool inline": 20_000, GATHER_ROW: 20_000, "joblib.Parallel (sync)": 20_000,
     "ThreadPoolExecutor": 5_000, "statepool thread": 5_000,
     "ProcessPoolExecutor": 1_000, "loky (direct)": 1_000, "statepool process": 1_000,
     "aiomultiprocess apply": 2_000, "aiomultiprocess starmap": 2_000,
@@ -50,7 +50,7 @@ _SLOW_TRIPS = 30  # aiomultiprocess, dask, joblib: about 10-15 ms a round trip
 
 def dispatch_cases(cfg: Config) -> list[Case]:
     cases = []
-    for label, factory, kind, base in rows(_BASELINES, _EXECUTORS):
+    for label, factory, kind, base in rows(_BASELINES, _EXECUTORS, gather_row=True):
         n = _BATCH[label] if not cfg.quick else max(30, _BATCH[label] // 20)
         figs = templates("dispatch", label, kind, base, [("throughput", "calls/s", True)])
         cases.append(Case("dispatch", label, figs, _dispatch(cfg, factory, n)))

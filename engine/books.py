@@ -18,11 +18,13 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from .futurelike import DoneCallbacks
 from .timings import marks_of
 
 if TYPE_CHECKING:
     from .events import EventHub
     from .handle import StateHandle, StateStatus
+    from .idle import IdleWatch
 
 __all__ = ["Books"]
 
@@ -30,8 +32,11 @@ __all__ = ["Books"]
 class Books:
     """Counts by ``StateStatus.index``, states run by executor, what runs now, who waits."""
 
-    __slots__ = ("by_executor", "clock", "counts", "hub", "join_waiters", "loop", "put_waiters",
-                 "running", "spare_hub", "unfinished")
+    __slots__ = ("by_executor", "callbacks", "clock", "counts", "hub", "idle", "join_waiters",
+                 "loop", "put_waiters", "running", "serving", "spare_hub", "unfinished")
+
+    callbacks: DoneCallbacks  # the handles' done-callbacks to run (set by bind)
+    idle: IdleWatch  # the warning for waiting on a manager that does not run (set by the manager)
 
     def __init__(self, statuses: int) -> None:
         self.counts: list[int] = [0] * statuses
@@ -44,10 +49,12 @@ class Books:
         self.clock: Callable[[], float] = time.monotonic
         self.hub: EventHub | None = None  # set while someone listens to the events
         self.spare_hub: EventHub | None = None
+        self.serving = False  # the manager's process_states() runs
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Time on ``loop``'s clock (without a Python call where it is asyncio's own)."""
         self.loop = loop
+        self.callbacks = DoneCallbacks(loop)
         self.clock = time.monotonic if type(loop).time is asyncio.BaseEventLoop.time else loop.time
 
     def added(self, count: int, queued: StateStatus) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
-from collections.abc import Generator
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from .futurelike import FutureLike
 from .log import log_failure
 from .timings import timings_of
 
@@ -52,11 +53,16 @@ class SharedContext:
         self.ctx = ctx
 
 
-class StateHandle:
+class StateHandle(FutureLike):
     """One put of a state: its status, timing, attempts and outcome. Awaitable.
 
     ``result = await handle`` returns the result, raises the state's exception, or raises
     ``asyncio.CancelledError`` for a cancelled state. Timestamps are on the manager loop's clock.
+    A handle is an asyncio future as far as asyncio can tell (``asyncio.isfuture(handle)``):
+    ``gather``, ``wait`` and ``as_completed`` take it as it is, with no task made for it, and
+    ``add_done_callback`` / ``remove_done_callback`` / ``get_loop()`` work as on
+    ``asyncio.Future`` (engine/futurelike.py). As with an ``asyncio.Future``, cancelling a task
+    that awaits a handle cancels the handle (``asyncio.shield(handle)`` if that is not meant).
     """
 
     __slots__ = (
@@ -68,9 +74,9 @@ class StateHandle:
         "_marks",
         "_result",
         "_task",
+        "_tb",
         "_timed_out",
         "_timer",
-        "_waiters",
         "attempts",
         "finished_at",
         "queued_at",
@@ -89,7 +95,8 @@ class StateHandle:
         self.finished_at: float | None = None
         self._result: Any = None
         self._exception: BaseException | None = None
-        self._waiters: list[asyncio.Future[None]] | None = None
+        self._tb: TracebackType | None = None  # the exception's traceback as the state ended
+        self._init_future()
         self._books = books  # the manager's bookkeeping, told of every change of status
         self._task: asyncio.Future[Any] | None = None
         self._ctx: contextvars.Context | SharedContext = ctx
@@ -107,58 +114,68 @@ class StateHandle:
         return self.status is _CANCELLED
 
     def result(self) -> Any:
-        """The result; raises the state's exception, ``CancelledError`` or ``InvalidStateError``."""
+        """The result; raises the state's exception, ``CancelledError`` or ``InvalidStateError``.
+
+        The exception is raised with the traceback it had when the state ended, so that raising
+        it again (a second ``await``) does not make its traceback grow."""
         if self.status is _SUCCEEDED:
             return self._result
-        if not self.done():
+        if not self.status.terminal:
             raise asyncio.InvalidStateError(f"state {self.state.name!r} is not done yet")
         if self.status is _CANCELLED:
-            raise asyncio.CancelledError(f"state {self.state.name!r} was cancelled")
-        if self._exception is not None:
-            raise self._exception
+            raise self._make_cancelled_error()
+        exc = self._exception
+        if exc is not None:
+            raise exc.with_traceback(self._tb)
         return self._result
 
     def exception(self) -> BaseException | None:
         """The state's exception or ``None``; raises like ``asyncio.Future.exception()``."""
-        if not self.done():
+        if self.status is _SUCCEEDED:
+            return None
+        if not self.status.terminal:
             raise asyncio.InvalidStateError(f"state {self.state.name!r} is not done yet")
         if self.status is _CANCELLED:
-            raise asyncio.CancelledError(f"state {self.state.name!r} was cancelled")
+            raise self._make_cancelled_error()
         return self._exception
 
-    def cancel(self) -> bool:
+    def cancel(self, msg: Any = None) -> bool:
         """Cancel the state; False if it had already ended.
 
         Queued or gated: it never starts. Running coroutine: cancelled. Running process state:
         its worker is terminated. Running thread state: marked ``CANCELLED`` at once and its result
-        discarded, but the thread itself runs on (a thread cannot be killed).
+        discarded, but the thread itself runs on (a thread cannot be killed). ``msg`` is the
+        message of the ``CancelledError`` that awaiting the handle raises (as on asyncio.Future).
         """
         if self.status.terminal:
             return False
+        if msg is not None:
+            self._cancel_message = msg
         task = self._task
         self._finish(_CANCELLED)
         if task is not None and not task.done():
             task.cancel()
         return True
 
-    def __await__(self) -> Generator[Any, None, Any]:
-        if not self.done():
-            loop = self._books.loop
-            try:
-                running = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
-            if running is not loop or loop is None:
-                raise RuntimeError(
-                    f"state {self.state.name!r}: its handle belongs to the manager's event loop "
-                    "and cannot be awaited from another loop or thread"
-                )
-            fut: asyncio.Future[None] = loop.create_future()
-            if self._waiters is None:
-                self._waiters = []
-            self._waiters.append(fut)
-            yield from fut.__await__()
-        return self.result()
+    def _cancelled_text(self) -> str:
+        return f"state {self.state.name!r} was cancelled"
+
+    def _await_check(self) -> None:
+        """Awaited before its end: only from a task of the manager's loop."""
+        loop = self._books.loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not loop or loop is None:
+            raise RuntimeError(
+                f"state {self.state.name!r}: its handle belongs to the manager's event loop "
+                "and cannot be awaited from another loop or thread"
+            )
+
+    def _watch(self) -> None:
+        """Someone waits on this handle while the manager's main loop does not run."""
+        self._books.idle.watch(self)
 
     @property
     def timings(self) -> dict[str, float]:
@@ -214,16 +231,14 @@ class StateHandle:
             timer.cancel()
             self._timer = None
         self._result = result
-        self._exception = exc
+        if exc is not None:
+            self._exception = exc
+            self._tb = exc.__traceback__
         books = self._books
         self.finished_at = books.clock()
         old, self.status = self.status, status
-        waiters = self._waiters
-        if waiters:
-            self._waiters = None
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+        if self._cb0 is not None:
+            books.callbacks.add(self)  # its done-callbacks run soon, on the loop
         books.ended(self, old, status)
         return True
 

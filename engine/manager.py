@@ -23,6 +23,7 @@ from .errors import ManagerStoppedError, StateTimeoutError
 from .events import EventSource
 from .fastpath import FastPaths, logged_already
 from .handle import SharedContext, StateHandle, StateStatus
+from .idle import IdleWatch
 from .log import log_enter, log_exit, log_failure, log_retry, logger
 from .state import State
 from .stats import ManagerStats, snapshot
@@ -70,6 +71,7 @@ class StateManager(FastPaths, EventSource):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: deque[StateHandle] = deque()
         self._books = Books(len(StateStatus))  # counts, running set, join and put waiters
+        self._books.idle = IdleWatch(self._books, self._queue)
         self._tasks: set[asyncio.Future[Any]] = set()
         self._wakeup: asyncio.Future[None] | None = None
         self._current: StateHandle | None = None
@@ -78,19 +80,34 @@ class StateManager(FastPaths, EventSource):
         self._stop_requested = False
         self._stopped = False
         self._stopped_event: asyncio.Event | None = None
+        self._warned_in_line: set[str] = set()  # functions warned of (see _check_in_line)
 
     # -- the singleton -----------------------------------------------------------------------
 
     @classmethod
     def instance(cls) -> StateManager:
-        """The process-wide manager, created on first use."""
+        """The process-wide manager, created on first use.
+
+        A manager that has stopped, or whose event loop is closed (a second ``asyncio.run()``, a
+        notebook cell run again), is replaced by a new one here."""
         inst = cls._instance
-        if inst is None:
+        if inst is None or inst._spent():
             with cls._instance_lock:
                 inst = cls._instance
-                if inst is None:
+                if inst is None or inst._spent():
+                    if inst is not None and not inst._stop_requested:
+                        inst.signal_stopping()  # its loop is gone: nothing of it can run again
                     inst = cls._instance = cls()
         return inst
+
+    def _spent(self) -> bool:
+        """Stopped (or stop asked with no loop to run the cleanup on), or its loop is closed."""
+        if self._stopped:
+            return True
+        loop = self._loop
+        if loop is None:
+            return self._stop_requested
+        return loop.is_closed()
 
     @classmethod
     def _reset_instance(cls) -> None:
@@ -180,6 +197,8 @@ class StateManager(FastPaths, EventSource):
             return
         fut: asyncio.Future[None] = self._bind_loop().create_future()
         self._books.join_waiters.append(fut)
+        if not self._books.serving:
+            self._books.idle.watch(None, "join() waits")
         await fut
 
     # -- the main loop -----------------------------------------------------------------------
@@ -192,6 +211,7 @@ class StateManager(FastPaths, EventSource):
             raise ManagerStoppedError("process_states(): this manager has stopped")
         loop = self._bind_loop()
         self._main_task = asyncio.current_task()
+        self._books.serving = True
         for configured in self._configured:
             self._spawn(self._prewarm(configured), None)
         try:
@@ -230,6 +250,7 @@ class StateManager(FastPaths, EventSource):
                     fast, eager = self._fast_paths(loop)
         finally:
             self._wakeup = None
+            self._books.serving = False
             await self._shutdown()
             self._main_task = None
 
@@ -250,7 +271,35 @@ class StateManager(FastPaths, EventSource):
                 return
         task = self._spawn(self._run(handle), handle, untrack_when_done=False)
         if not handle.state.is_blocking:
+            if self._queue:
+                self._check_in_line(handle.state)
             await self._await_own(task, handle)
+
+    def _check_in_line(self, state: State) -> None:
+        """The trap of ``is_blocking=False`` on a pool: warn, once per function, when a state
+        that is not blocking holds the queue on an executor of several workers while the next
+        queued state is another of the same function (they run one after another)."""
+        key = state._func_name
+        if key in self._warned_in_line:
+            return
+        nxt = self._queue[0].state
+        if nxt.is_blocking or nxt._func_name != key or nxt._executor != state._executor:
+            return
+        given = state.executor
+        ex = given if isinstance(given, Executor) else self._executors.get(state._executor)
+        workers = ex.capacity() if ex is not None and not ex.runs_on_loop else None
+        if workers is None or workers < 2:
+            return
+        self._warned_in_line.add(key)
+        behind = sum(1 for h in self._queue if h.state._func_name == key)
+        logger.warning(
+            "state %r (%s) is not blocking, so the manager waits for it to end before it starts "
+            "the next state: the states of %s run one after another on %r, which has %d "
+            "workers, while %d more wait behind. Give them is_blocking=True, or use "
+            "manager.map(%s, items), to run them side by side (warned once per function)",
+            state.name, key, key, state._executor, workers, behind, key,
+            extra={"state": state.name, "executor": state._executor, "attempt": 0,
+                   "worker": None})
 
     async def _await_own(self, task: asyncio.Future[Any], handle: StateHandle) -> None:
         """Await a state's task; its own cancellation does not stop the main loop."""
@@ -484,6 +533,7 @@ class StateManager(FastPaths, EventSource):
         self._stopped = True
         if self._books.spare_hub is not None:
             self._books.spare_hub.close()  # every events() iterator ends
+        self._books.idle.cancel()
         logger.debug("manager stopped: %s", self.stats().by_status)
 
     # -- async with ------------------------------------------------------------------------

@@ -22,7 +22,8 @@ Optional capabilities, which the engine asks for (never a backend's class):
   ``on_done(ok, value)`` on the loop thread and returns a :class:`Submitted` that can cancel it
   (``None`` where a backend has no such path);
 * ``default_grace(seconds)``: the manager's ``shutdown_grace``, for a backend that has none of
-  its own.
+  its own;
+* ``capacity()``: how many calls run at once (its workers), ``None`` where that is not fixed.
 """
 
 from __future__ import annotations
@@ -147,6 +148,12 @@ class Executor(abc.ABC):
 
     def default_grace(self, seconds: float) -> None:  # noqa: B027 - optional, a no-op here
         """Take the manager's ``shutdown_grace`` if this backend has none of its own."""
+
+    def capacity(self) -> int | None:
+        """How many calls run here at once (its workers), or ``None`` where that is not a
+        fixed number (the event loop; a remote cluster not asked yet). ``map`` sizes its window
+        from it, and the engine warns when states that could run side by side wait in line."""
+        return None
 
     def worker_pids(self) -> list[int]:
         """PIDs of the worker processes this executor holds now (none for in-process ones)."""

@@ -119,6 +119,9 @@ class ThreadExecutor(Executor):
         self._put(item, loop)
         return item
 
+    def capacity(self) -> int:
+        return self.max_workers
+
     def default_grace(self, seconds: float) -> None:
         if self.shutdown_grace is None:
             self.shutdown_grace = float(seconds)

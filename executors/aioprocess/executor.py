@@ -199,6 +199,9 @@ class AioProcessExecutor(Executor):
     def worker_pids(self) -> list[int]:
         return [child.pid for child in self._children if child.alive]
 
+    def capacity(self) -> int:
+        return self.processes * self.childconcurrency
+
     def __repr__(self) -> str:
         return (f"<AioProcessExecutor {self._phase.value} processes={self.processes} "
                 f"childconcurrency={self.childconcurrency} pids={self.worker_pids()}>")

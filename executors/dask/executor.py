@@ -256,6 +256,13 @@ class DaskExecutor(Executor):
             finally:
                 self._scatter.release(held)
 
+    def capacity(self) -> int | None:
+        if self.max_in_flight is not None:
+            return self.max_in_flight
+        if self.n_workers is not None:
+            return self.n_workers * self.threads_per_worker
+        return None
+
     def _capacity(self) -> int:
         """How many calls may be in Dask at once: ``max_in_flight``, or the cluster's threads."""
         if self._closed:

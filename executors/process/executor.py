@@ -374,6 +374,9 @@ class LokyExecutor(Dispatch, Executor):
 
     # -- introspection -----------------------------------------------------------------------
 
+    def capacity(self) -> int:
+        return self.max_workers
+
     def worker_pids(self) -> list[int]:
         return [w.pid for w in self._workers if w is not None and w.alive]
 
