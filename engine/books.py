@@ -16,15 +16,17 @@ import asyncio
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .futurelike import DoneCallbacks
+from .log import note_overhead
 from .timings import marks_of
 
 if TYPE_CHECKING:
     from .events import EventHub
     from .handle import StateHandle, StateStatus
     from .idle import IdleWatch
+    from .timings import Marks
 
 __all__ = ["Books"]
 
@@ -32,8 +34,9 @@ __all__ = ["Books"]
 class Books:
     """Counts by ``StateStatus.index``, states run by executor, what runs now, who waits."""
 
-    __slots__ = ("by_executor", "callbacks", "clock", "counts", "hub", "idle", "join_waiters",
-                 "loop", "put_waiters", "running", "serving", "spare_hub", "unfinished")
+    __slots__ = ("by_executor", "callbacks", "cheap", "clock", "counts", "failures", "hub", "idle",
+                 "join_waiters", "loop", "put_waiters", "running", "serving", "spare_hub",
+                 "unfinished")
 
     callbacks: DoneCallbacks  # the handles' done-callbacks to run (set by bind)
     idle: IdleWatch  # the warning for waiting on a manager that does not run (set by the manager)
@@ -50,6 +53,8 @@ class Books:
         self.hub: EventHub | None = None  # set while someone listens to the events
         self.spare_hub: EventHub | None = None
         self.serving = False  # the manager's process_states() runs
+        self.failures: dict[tuple[Any, ...], int] = {}  # engine/log.py: errors logged, by kind
+        self.cheap: dict[str, int] = {}  # engine/log.py: cheap process calls, by function
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Time on ``loop``'s clock (without a Python call where it is asyncio's own)."""
@@ -127,6 +132,9 @@ class Books:
             if marks.wait_from is not None:
                 marks.waited += (handle.finished_at or self.clock()) - marks.wait_from
                 marks.wait_from = None
+            ran = marks.ran_s
+            if ran is not None and type(marks.worker) is int and new.index == 3:  # SUCCEEDED
+                self._cheap(handle, marks, ran)
         self.running.discard(handle)
         self.unfinished -= 1
         hub = self.hub
@@ -134,6 +142,12 @@ class Books:
             hub.ended(handle)
         if not self.unfinished and self.join_waiters:
             self.release_all()
+
+    def _cheap(self, handle: StateHandle, marks: Marks, ran: float) -> None:
+        """A process state succeeded: was it worth its trip? (engine/log.py says, once.)"""
+        if marks.t1 is None or handle.finished_at is None:
+            return
+        note_overhead(handle, ran, max(0.0, handle.finished_at - marks.t1 - ran))
 
     def _let_one_in(self) -> None:
         waiters = self.put_waiters

@@ -24,7 +24,7 @@ from .events import EventSource
 from .fastpath import FastPaths, logged_already
 from .handle import SharedContext, StateHandle, StateStatus
 from .idle import IdleWatch
-from .log import log_enter, log_exit, log_failure, log_retry, logger
+from .log import log_enter, log_exit, log_failure, log_retry, logger, state_extra
 from .state import State
 from .stats import ManagerStats, snapshot
 from .timings import marks_of
@@ -454,7 +454,7 @@ class StateManager(FastPaths, EventSource):
             handle._timed_out = True
             logger.warning("state %r (%s) timed out after %s s on %s (attempt %d)",
                            handle.state.name, handle.state.func_name, handle.state.timeout,
-                           handle._executor_name, attempt)
+                           handle._executor_name, attempt, extra=state_extra(handle))
             task.cancel()
 
     async def _enter_now(self, state: State) -> StateHandle:

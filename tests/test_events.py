@@ -294,3 +294,50 @@ async def test_tasks_are_named_after_their_state() -> None:
                                 timeout=5.0))
         await m.join()
     assert {"plain-state", "lazy-state"} <= names
+
+
+# -- the records about states ----------------------------------------------------------------
+
+
+async def test_failures_log_one_traceback_per_kind_then_one_line(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="statepool.engine")
+    async with StateManager() as m:
+        await m.put_states([State(f"s{i}", aboom) for i in range(5)])
+        await m.put_state(State("other", _crashers.raise_boom, True, executor="thread"))
+        await m.join()
+    errors = [r for r in caplog.records if r.name == "statepool.engine"]
+    assert len(errors) == 6  # one ERROR record per failure
+    with_tb = [r for r in errors if r.exc_info is not None]
+    assert [r.state for r in with_tb] == ["s0", "other"]  # type: ignore[attr-defined]
+    repeats = [r for r in errors if r.exc_info is None]
+    assert [r.state for r in repeats] == ["s1", "s2", "s3", "s4"]  # type: ignore[attr-defined]
+    assert "failure 5 of this kind" in repeats[-1].getMessage()
+    assert "ValueError: boom" in repeats[-1].getMessage()
+    for r in errors:
+        assert {"state", "executor", "attempt", "worker"} <= set(vars(r))
+    assert errors[-1].worker.startswith("statepool-thread")  # type: ignore[attr-defined]
+    assert errors[-1].attempt == 1 and errors[-1].executor == "thread"  # type: ignore[attr-defined]
+
+
+async def test_the_debug_exit_line_carries_the_timings(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="statepool.engine")
+    async with StateManager() as m:
+        await (await m.put_state(State("timed", aok)))
+    exits = [r for r in caplog.records if r.getMessage().startswith("exit 'timed'")]
+    assert len(exits) == 1
+    assert "queued " in exits[0].getMessage() and "returning " in exits[0].getMessage()
+    assert exits[0].state == "timed"  # type: ignore[attr-defined]
+
+
+async def test_cheap_process_states_get_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="statepool.engine")
+    async with StateManager(executors={"process": LokyExecutor(1)}) as m:
+        for i in range(20):
+            await (await m.put_state(State("tiny", _crashers.identity, True, args=(i,),
+                                           executor="process")))
+    hints = [r for r in caplog.records if "in its worker and cost" in r.getMessage()]
+    assert len(hints) == 1
+    assert "state 'tiny' (identity) ran" in hints[0].getMessage()
+    assert "chunksize" in hints[0].getMessage()
