@@ -3,6 +3,9 @@
 * cpu: K pure-Python tasks of about 80 ms each; the speedup over running them one after another
   in this process (measured just before, in each repetition), and the parallel efficiency
   (speedup / workers). Threads are measured too, to show the GIL.
+* cpu, blas: 16 states of six 900 x 900 numpy matrix products (BLAS threads), wall time, on
+  the same workers and on twice as many (oversubscribed): statepool ``"process"`` against joblib
+  (which limits its workers' BLAS threads) and ``ProcessPoolExecutor`` (which does not).
 * payload: one call carrying a numpy array (10 MB and 100 MB; statepool passes it as a lazy
   argument), in milliseconds per call.
 """
@@ -45,7 +48,46 @@ def cpu_cases(cfg: Config) -> list[Case]:
     for label, factory, kind, base in rows(_CPU_BASELINES, _CPU_EXECUTORS):
         figs = templates("cpu", label, kind, base, metrics)
         cases.append(Case("cpu", label, figs, _scaling(cfg, factory, k, shared)))
+    return cases + _blas_cases(cfg)
+
+
+_BLAS_SUBJECTS = (("ProcessPoolExecutor", None), ("joblib.Parallel (sync)", None),
+                  ("statepool process", "joblib.Parallel (sync)"))
+
+
+def _blas_cases(cfg: Config) -> list[Case]:
+    """The blas rows: the same states on ``workers`` and ``2 x workers``."""
+    found = {label: factory for label, factory, _, _ in rows(_CPU_BASELINES, ("process",))}
+    states, size = cfg.size(16, 4), cfg.size(900, 200)
+    pools = (cfg.workers, 2 * cfg.workers)
+    metrics = [(f"blas time, {w} workers", "ms", False) for w in pools]
+    cases = []
+    for label, base in _BLAS_SUBJECTS:
+        if label not in found:
+            continue
+        figs = templates("cpu", label, "statepool" if base else "baseline", base, metrics)
+        cases.append(Case("cpu", label, figs, _blas(cfg, found[label], pools, states, size)))
     return cases
+
+
+def _blas(cfg: Config, factory: Callable[[int], Backend], pools: tuple[int, ...], states: int,
+          size: int) -> Runner:
+    async def run(figs: list[Figure]) -> None:
+        args = [(seed, size) for seed in range(states)]
+        for fig, workers in zip(figs, pools, strict=True):
+            async with factory(workers) as backend:
+                async def once(backend: Backend = backend) -> float:
+                    t0 = now()
+                    results = await backend.gather("blas", args)
+                    elapsed = now() - t0
+                    if len(results) != states or not all(0 < r <= 1 for r in results):
+                        raise RuntimeError(f"{backend.label}: wrong results for the blas states")
+                    return elapsed * 1e3
+
+                fig.repetitions = await repeat(cfg, once)
+            fig.params = {"states": states, "size": size, "products": 6, "workers": workers}
+
+    return run
 
 
 def _serial(cfg: Config, k: int, task_s: float, shared: dict[str, Any]) -> Runner:

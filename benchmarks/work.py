@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["aburn", "anbytes", "anoop", "awhere", "burn", "calibrate_burn", "nbytes", "noop",
-           "task", "where"]
+__all__ = ["ablas", "aburn", "anbytes", "anoop", "awhere", "blas", "burn", "calibrate_burn",
+           "nbytes", "noop", "task", "where"]
 
 
 def noop() -> None:
@@ -36,6 +36,22 @@ async def aburn(n: int) -> int:
     return burn(n)
 
 
+def blas(seed: int, size: int, products: int = 6) -> float:
+    """numpy work that runs in BLAS threads: ``products`` ``size x size`` matrix products."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    a, b = rng.random((size, size)), rng.random((size, size))
+    for _ in range(products):
+        a = a @ b
+        a /= a.max()
+    return float(a[0, 0])
+
+
+async def ablas(seed: int, size: int, products: int = 6) -> float:
+    return blas(seed, size, products)
+
+
 def nbytes(arr: Any) -> int:
     """Touch an array that was carried to the worker and answer its size (a small result)."""
     return int(arr.nbytes)
@@ -57,6 +73,7 @@ async def awhere() -> int:
 _TASKS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
     "noop": (noop, anoop),
     "burn": (burn, aburn),
+    "blas": (blas, ablas),
     "nbytes": (nbytes, anbytes),
     "where": (where, awhere),
 }

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ._wire.threads import ThreadCap
 from .base import Executor, OnDone, PreparedCall, fail_future
 
 __all__ = ["ThreadExecutor"]
@@ -68,7 +69,16 @@ class ThreadExecutor(Executor):
     name = "thread"
 
     def __init__(self, max_workers: int | None = None, *, long_after: float = 0.25,
-                 idle_timeout: float = 30.0, shutdown_grace: float | None = None) -> None:
+                 idle_timeout: float = 30.0, shutdown_grace: float | None = None,
+                 inner_threads: int | None = None) -> None:
+        """``inner_threads`` (default ``None``: the libraries are left alone) limits the BLAS /
+        OpenMP thread pools (numpy...) while the executor runs. Those pools belong to the whole
+        process: the limit holds for every thread of it, this one's included, until shutdown
+        (see docs/thread.md)."""
+        if inner_threads is not None and (isinstance(inner_threads, bool) or not isinstance(
+                inner_threads, int) or inner_threads < 1):
+            raise ValueError("ThreadExecutor: 'inner_threads' must be an int >= 1 or None, "
+                             f"got {inner_threads!r}")
         if max_workers is None:
             max_workers = min(32, (os.cpu_count() or 1) + 4)
         if max_workers < 1:
@@ -77,6 +87,8 @@ class ThreadExecutor(Executor):
         self.long_after = long_after
         self.idle_timeout = idle_timeout
         self.shutdown_grace = shutdown_grace
+        self.inner_threads = inner_threads
+        self._cap = None if inner_threads is None else ThreadCap(inner_threads)
         self.abandoned: list[str] = []  # states whose threads were left running at shutdown
         self._work: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._idle = threading.Semaphore(0)
@@ -135,6 +147,8 @@ class ThreadExecutor(Executor):
         return loop
 
     def _put(self, item: _Item, loop: asyncio.AbstractEventLoop) -> None:
+        if self._cap is not None:
+            self._cap.ensure_process()
         self._live.add(item)
         self._waiting += 1
         self._work.put(item)
@@ -230,6 +244,7 @@ class ThreadExecutor(Executor):
         work = self._work
         name = threading.current_thread().name
         clock = time.perf_counter
+        cap = self._cap
         while True:
             try:
                 item = work.get(timeout=self.idle_timeout)
@@ -245,6 +260,8 @@ class ThreadExecutor(Executor):
                 call = item.call
                 call.worker = name
                 self._post(item, _START, None)
+                if cap is not None:
+                    cap.ensure_thread()
                 t0 = clock()
                 ok, value = _call(call)
                 call.ran_s = clock() - t0
@@ -313,6 +330,8 @@ class ThreadExecutor(Executor):
         for thread in threads:
             if not thread.is_alive():
                 thread.join()
+        if self._cap is not None:
+            self._cap.restore()
 
     def __repr__(self) -> str:
         return (f"<ThreadExecutor max_workers={self.max_workers} waiting={self._waiting} "

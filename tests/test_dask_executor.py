@@ -50,6 +50,11 @@ async def double_later(x: int) -> tuple[int, int]:
     return os.getpid(), 2 * x
 
 
+def blas_env() -> dict[str, str | None]:
+    return {var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                 "MKL_NUM_THREADS", "STATEPOOL_INNER_THREADS")}
+
+
 def raise_value_error(text: str) -> None:
     raise ValueError(text)
 
@@ -243,6 +248,14 @@ async def test_results_coroutines_loopback_and_own_cluster_lifecycle(pids_gone: 
                      if conn.status == psutil.CONN_LISTEN]
         assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
         assert 8787 not in {addr.port for addr in listening}  # no dashboard
+        # Dask's nanny limits the BLAS / OpenMP threads of its workers itself
+        # (distributed.nanny.pre-spawn-environ: 1, a value set here kept): statepool keeps
+        # that and adds nothing
+        assert await ex.run(call("env", blas_env)) == {
+            **{var: os.environ.get(var, "1") for var in ("OMP_NUM_THREADS",
+                                                         "OPENBLAS_NUM_THREADS",
+                                                         "MKL_NUM_THREADS")},
+            "STATEPOOL_INNER_THREADS": None}
     finally:
         await ex.shutdown(cancel=True)
     assert pids_gone(pids, 10)

@@ -25,6 +25,7 @@ from aiomultiprocess.core import get_context
 from aiomultiprocess.types import Unit
 
 from .._wire.remote import run_pickled_async
+from .._wire.threads import apply_loaded, set_here
 
 __all__ = [
     "CANCEL",
@@ -34,6 +35,7 @@ __all__ = [
     "READY",
     "RUN",
     "ChildProcess",
+    "child_init",
     "child_main",
     "frame",
 ]
@@ -62,19 +64,33 @@ class ChildProcess(aiomultiprocess.Process):  # type: ignore[misc]
         initializer: Callable[..., None] | None = None,
         initargs: Sequence[Any] = (),
         loop_initializer: Callable[..., asyncio.AbstractEventLoop] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.unit = Unit(
             target=child_main,
             args=(sock,),
             kwargs={},
             namespace=None,
-            initializer=initializer,
-            initargs=initargs,
+            initializer=child_init,
+            initargs=(env or {}, initializer, tuple(initargs)),
             loop_initializer=loop_initializer,
         )
         self.aio_process = get_context().Process(
             target=aiomultiprocess.Process.run_async, args=(self.unit,), name=name, daemon=True
         )
+
+
+def child_init(env: dict[str, str], initializer: Callable[..., None] | None,
+               initargs: tuple[Any, ...]) -> None:
+    """The child's first step: the thread limits (``_wire.threads``; multiprocessing starts a
+    child with the parent's environment and nothing more), then the user's initializer, then
+    the limits again on what that loaded."""
+    if env:
+        set_here(env)
+    if initializer is not None:
+        initializer(*initargs)
+        if env:
+            apply_loaded()
 
 
 async def child_main(sock: socket.socket) -> None:

@@ -23,12 +23,12 @@ import asyncio
 import enum
 import itertools
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from statepool.engine.errors import WorkerCrashedError
 
+from .._wire import threads
 from .._wire.remote import OffLoop, dumps_call_small
 from ..base import Executor, PreparedCall
 from .child import CANCEL, CANCELLED, DONE, RUN, frame
@@ -51,15 +51,13 @@ class _Phase(enum.Enum):
     CLOSING = "closing"
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 class AioProcessExecutor(Executor):
-    """Coroutine functions in ``processes`` child event loops, ``childconcurrency`` per child."""
+    """Coroutine functions in ``processes`` child event loops, ``childconcurrency`` per child.
+
+    ``inner_threads`` limits the BLAS / OpenMP thread pools in each child, as on ``"process"``
+    (``"auto"``: ``max(1, usable cores // processes)``, a limit set in this process's
+    environment kept; an int; ``None``: the libraries are left alone). See docs/aioprocess.md.
+    """
 
     name = "aioprocess"
 
@@ -73,6 +71,7 @@ class AioProcessExecutor(Executor):
         initializer: Callable[..., None] | None = None,
         initargs: Sequence[Any] = (),
         loop_initializer: Callable[..., asyncio.AbstractEventLoop] | None = None,
+        inner_threads: threads.InnerThreads = "auto",
     ) -> None:
         if processes is not None and processes < 1:
             raise ValueError(f"aioprocess: processes must be >= 1, got {processes!r}")
@@ -80,7 +79,8 @@ class AioProcessExecutor(Executor):
             raise ValueError(f"aioprocess: childconcurrency must be >= 1, got {childconcurrency!r}")
         if cancel_grace < 0:
             raise ValueError(f"aioprocess: cancel_grace must be >= 0, got {cancel_grace!r}")
-        self.processes = processes or _usable_cores()
+        self.inner_threads = threads.check(inner_threads, "aioprocess")
+        self.processes = processes or threads.usable_cores()
         self.childconcurrency = childconcurrency
         self.cancel_grace = cancel_grace
         self.start_timeout = start_timeout
@@ -410,8 +410,9 @@ class AioProcessExecutor(Executor):
     async def _spawn(self) -> None:
         """Start one child (the caller counted it in ``_spawning``) and serve it."""
         try:
-            child = await ChildHandle.spawn(next(self._index), timeout=self.start_timeout,
-                                            **self._child_options)
+            child = await ChildHandle.spawn(
+                next(self._index), timeout=self.start_timeout, **self._child_options,
+                env=threads.worker_env(self.inner_threads, self.processes))
         finally:
             self._spawning -= 1
         self._spawn_error = None

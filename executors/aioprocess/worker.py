@@ -99,12 +99,13 @@ class ChildHandle:
         initializer: Callable[..., None] | None,
         initargs: Sequence[Any],
         loop_initializer: Callable[..., asyncio.AbstractEventLoop] | None,
+        env: dict[str, str] | None = None,
     ) -> ChildHandle:
         """Start a child and wait for its ``READY`` frame."""
         parent_sock, child_sock = socket.socketpair()
         proc = ChildProcess(child_sock, name=f"statepool-aioprocess-{index}",
                             initializer=initializer, initargs=initargs,
-                            loop_initializer=loop_initializer)
+                            loop_initializer=loop_initializer, env=env)
         try:
             proc.start()  # Popen forks and writes the spawn data: about 1 ms
         except BaseException:

@@ -45,7 +45,7 @@ import psutil
 
 from statepool.engine.errors import WorkerCrashedError
 
-from .._wire import shm
+from .._wire import shm, threads
 from ..base import Executor, PreparedCall
 from . import boot
 from .batch import Job
@@ -69,12 +69,19 @@ class LokyExecutor(Dispatch, Executor):
     ``max_workers`` defaults to the usable cores. ``max_tasks_per_worker`` recycles a worker
     after that many calls; ``max_memory`` (bytes of RSS per worker) recycles a worker past it
     between calls and kills one that passes it while running (its state fails).
+
+    ``inner_threads`` limits the BLAS / OpenMP thread pools inside each worker (numpy, scipy,
+    scikit-learn): ``"auto"`` (the default) gives each ``max(1, usable cores // max_workers)``
+    threads, keeping a limit set in this process's environment (``OMP_NUM_THREADS``...); an int
+    sets that limit; ``None`` leaves the libraries alone (each then uses every core, and
+    ``max_workers`` of them fight for the cores). See docs/process.md.
     """
 
     name = "process"
 
     def __init__(self, max_workers: int | None = None, *, max_tasks_per_worker: int | None = None,
-                 max_memory: int | None = None, memory_poll_interval: float = 0.1) -> None:
+                 max_memory: int | None = None, memory_poll_interval: float = 0.1,
+                 inner_threads: threads.InnerThreads = "auto") -> None:
         if max_workers is None:
             max_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
                 else os.cpu_count() or 1
@@ -87,6 +94,7 @@ class LokyExecutor(Dispatch, Executor):
         if memory_poll_interval <= 0:
             raise ValueError("LokyExecutor: 'memory_poll_interval' must be > 0, "
                              f"got {memory_poll_interval!r}")
+        self.inner_threads = threads.check(inner_threads, "LokyExecutor")
         super().__init__(max_workers)
         self.max_workers: int = max_workers
         self.max_tasks_per_worker = max_tasks_per_worker
@@ -97,6 +105,7 @@ class LokyExecutor(Dispatch, Executor):
         self.recycled = 0  # workers that left after max_tasks_per_worker or max_memory
         self._spawning: dict[int, asyncio.Future[Worker]] = {}
         self._pycache: str | None = None  # see boot.compile_ahead
+        self._env: dict[str, str] = {}  # added to each worker's environment (threads)
         self._procs: dict[int, Any] = {}  # pid -> process, for the finalizer
         self._finalizer: weakref.finalize[Any, Any] | None = None
 
@@ -110,6 +119,7 @@ class LokyExecutor(Dispatch, Executor):
             self._dir = tempfile.mkdtemp(prefix="statepool-process-")
             self._finalizer = weakref.finalize(self, _cleanup, self._procs, self._dir)
             self._table = SlotTable.create(self.max_workers * RING, self._dir)
+            self._env = threads.worker_env(self.inner_threads, self.max_workers)
             self._ready = loop.create_future()
             self._phase = Phase.OPEN
             if sys.dont_write_bytecode:  # workers would compile their modules: do it once
@@ -147,7 +157,7 @@ class LokyExecutor(Dispatch, Executor):
         assert self._loop is not None and self._helper is not None and self._table is not None
         fut = self._loop.run_in_executor(
             self._helper, Worker.spawn, index, index * RING, RING, self._table,
-            self.max_tasks_per_worker, self.max_memory, self._pycache)
+            self.max_tasks_per_worker, self.max_memory, self._pycache, self._env)
         self._spawning[index] = fut
         fut.add_done_callback(functools.partial(self._spawned, index))
 

@@ -86,15 +86,16 @@ class Worker:
     @classmethod
     def spawn(cls, index: int, base: int, ring: int, table: SlotTable,
               max_tasks: int | None, max_memory: int | None,
-              pycache: str | None = None) -> Worker:
-        """Start a worker process (blocks a few ms: helper thread only)."""
+              pycache: str | None = None, env: dict[str, str] | None = None) -> Worker:
+        """Start a worker process (blocks a few ms: helper thread only); ``env`` is added to
+        its environment (the thread limits of ``_wire.threads``)."""
         parent, child = socket.socketpair()
         args = (child, table.path, table.nslots, base, ring, max_tasks, max_memory)
         try:
             process = get_context("loky").Process(  # boot runs worker_main(*args)
                 target=runpy.run_path, name=f"statepool-process-{index}", args=(_BOOT,),
                 kwargs={"init_globals": {"ARGS": args, "PYCACHE": pycache},
-                        "run_name": boot.RUN_NAME})
+                        "run_name": boot.RUN_NAME}, env=env)
             process.start()
         except BaseException:
             parent.close()

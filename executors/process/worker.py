@@ -34,6 +34,7 @@ from typing import Any
 
 from .._wire.remote import dumps_error, run_call, unloadable_call
 from .._wire.shm import keep_out, map_buffers, write_buffers
+from .._wire.threads import apply_loaded
 
 __all__ = [
     "BAD",
@@ -172,6 +173,7 @@ def worker_main(sock: socket.socket, table_path: str, nslots: int, base: int, ri
     table = SlotTable(table_path, nslots, owner=False)
     states, cancels = table.states, table.cancels
     send = sock.sendall
+    apply_loaded()  # the thread limits, for libraries loaded already (after an initializer)
     send(FRAME.pack(READY, os.getpid(), 0, 0, 0, 0.0))
     reader = _Reader(sock)
     directory = os.path.dirname(table_path)
