@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .errors import (
+    DependencyError,
     EngineError,
     LazyArgumentError,
     ManagerStoppedError,
@@ -13,14 +14,17 @@ from .errors import (
 from .events import StateEvent
 from .handle import StateHandle, StateStatus
 from .manager import ManagerStats, StateManager
+from .retry import Retry
 from .state import State
 from .wrap import wrap_with_tryexcept
 
 __all__ = [
+    "DependencyError",
     "EngineError",
     "LazyArgumentError",
     "ManagerStats",
     "ManagerStoppedError",
+    "Retry",
     "SerializationError",
     "State",
     "StateEvent",

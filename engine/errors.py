@@ -7,6 +7,7 @@
     ├── StateTimeoutError   (TimeoutError)   the state ran past its ``timeout``
     ├── SerializationError  (pickle.PicklingError)  cloudpickle cannot carry an object
     ├── LazyArgumentError                    a lazy argument raised (``__cause__`` is why)
+    ├── DependencyError                      a dependency failed or was cancelled (``__cause__``)
     └── ManagerStoppedError (RuntimeError)   the manager no longer accepts states
 
 An exception raised by the state's own function is kept as it is (its type unchanged); when it
@@ -18,6 +19,7 @@ from __future__ import annotations
 import pickle
 
 __all__ = [
+    "DependencyError",
     "EngineError",
     "LazyArgumentError",
     "ManagerStoppedError",
@@ -61,3 +63,29 @@ class LazyArgumentError(EngineError):
 
 class ManagerStoppedError(EngineError, RuntimeError):
     """The manager is stopping or stopped and accepts no more states."""
+
+
+class DependencyError(EngineError):
+    """A dependency of a state failed or was cancelled, so the state did not run.
+
+    ``state_name`` and ``dependency_name`` name both states and ``dependency_status`` is the
+    dependency's terminal status name (``"FAILED"`` or ``"CANCELLED"``); ``__cause__`` is the
+    dependency's exception (a ``CancelledError`` for a cancelled one).
+    """
+
+    def __init__(self, message: str, *, state_name: str = "", dependency_name: str = "",
+                 dependency_status: str = "") -> None:
+        super().__init__(message)
+        self.state_name = state_name
+        self.dependency_name = dependency_name
+        self.dependency_status = dependency_status
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (_rebuild_dependency,
+                (str(self), self.state_name, self.dependency_name, self.dependency_status))
+
+
+def _rebuild_dependency(message: str, state_name: str, dependency_name: str,
+                        dependency_status: str) -> DependencyError:
+    return DependencyError(message, state_name=state_name, dependency_name=dependency_name,
+                           dependency_status=dependency_status)

@@ -1,6 +1,7 @@
 """The manager's fast paths for plain states: no task, or an eager one, where that is enough.
 
-A *plain* state has no gate, lazy argument, timeout or retry, and names its executor by name.
+A *plain* state has no gate, lazy argument, timeout, retry, dependency or tag, and names its
+executor by name.
 While DEBUG logging is off (the ordinary path logs every state's enter and exit):
 
 * a coroutine state on an executor that ``runs_on_loop`` (``"inline"``) runs in a lean task of
@@ -63,10 +64,12 @@ class FastPaths:
 
     @staticmethod
     def _plain(state: State) -> bool:
-        """A state with no gate, lazy argument, timeout or retry, named by executor name."""
+        """A state with no gate, lazy argument, timeout, retry, dependency or tag, named by
+        executor name."""
         given = state.executor
         return (state.event is None and not state._has_lazy and state.timeout is None
-                and not state.retries and (given is None or type(given) is str))
+                and not state.retries and not state._waits
+                and (given is None or type(given) is str))
 
     def _try_executor_for(self, state: State) -> Executor | None:
         try:

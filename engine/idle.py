@@ -8,7 +8,7 @@ a state is still queued, it logs one WARNING naming that state. A later wait arm
 
 from __future__ import annotations
 
-from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from .log import logger
@@ -29,7 +29,7 @@ class IdleWatch:
 
     __slots__ = ("_books", "_handle", "_queue", "_timer", "_what")
 
-    def __init__(self, books: Books, queue: deque[StateHandle]) -> None:
+    def __init__(self, books: Books, queue: Iterable[StateHandle]) -> None:
         self._books = books
         self._queue = queue
         self._timer: asyncio.TimerHandle | None = None

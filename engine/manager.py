@@ -9,7 +9,6 @@ import functools
 import logging
 import sys
 import threading
-from collections import deque
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, ClassVar
@@ -25,9 +24,12 @@ from .fastpath import FastPaths, logged_already
 from .handle import SharedContext, StateHandle, StateStatus
 from .idle import IdleWatch
 from .log import log_enter, log_exit, log_failure, log_retry, logger, state_extra
+from .queue import StateQueue
+from .slots import TagSlots, check_limits
 from .state import State
 from .stats import ManagerStats, snapshot
 from .timings import marks_of
+from .waiting import Waiting
 
 __all__ = ["ManagerStats", "StateManager"]
 
@@ -37,20 +39,22 @@ _HAS_TASK_CONTEXT = sys.version_info >= (3, 11)
 _TURN = 0.005  # seconds the main loop runs eager states before it yields to the event loop
 
 
-class StateManager(FastPaths, EventSource):
+class StateManager(FastPaths, EventSource, Waiting):
     """Runs states in the order they were put, each in its executor.
 
     ``StateManager.instance()`` is the process-wide manager; ``StateManager(...)`` builds an
     independent one. Options: ``executors`` (name -> Executor instance, used instead of the
     registry's defaults), ``max_queue`` (``put_state`` waits while that many states are queued;
-    0 means unbounded) and ``shutdown_grace`` (seconds thread states get at stop).
+    0 means unbounded), ``shutdown_grace`` (seconds thread states get at stop) and ``limits``
+    (tag -> how many states holding it may run at once; see ``State(tags=...)``).
     """
 
     _instance: ClassVar[StateManager | None] = None
     _instance_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, *, executors: Mapping[str, Executor] | None = None,
-                 max_queue: int = 0, shutdown_grace: float = 5.0) -> None:
+                 max_queue: int = 0, shutdown_grace: float = 5.0,
+                 limits: Mapping[str, int | None] | None = None) -> None:
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"StateManager: 'max_queue' must be an int >= 0, got {max_queue!r}")
         if isinstance(shutdown_grace, bool) or not isinstance(shutdown_grace, (int, float)) \
@@ -69,7 +73,9 @@ class StateManager(FastPaths, EventSource):
         self.max_queue = max_queue
         self.shutdown_grace = float(shutdown_grace)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: deque[StateHandle] = deque()
+        self._queue = StateQueue()
+        self._slots = TagSlots(check_limits(limits), self._requeue)
+        self._init_waiting()
         self._books = Books(len(StateStatus))  # counts, running set, join and put waiters
         self._books.idle = IdleWatch(self._books, self._queue)
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -137,6 +143,8 @@ class StateManager(FastPaths, EventSource):
     async def put_state(self, state: State) -> StateHandle:
         """Queue ``state``; waits while ``max_queue`` states are queued. Returns its handle."""
         self._check_state(state)
+        if state._deps:
+            self._check_dependencies(state)
         loop = self._bind_loop()
         if self.max_queue:
             await self._wait_for_room(state, loop)
@@ -145,9 +153,16 @@ class StateManager(FastPaths, EventSource):
     async def put_states(self, states: Iterable[State]) -> list[StateHandle]:
         """Queue every state in order; checks them all before queuing any."""
         states = list(states)
+        sched = False
         for state in states:
             if type(state) is not State:  # an exact State passes the type check
                 self._check_state(state)
+            if state._sched:
+                sched = True
+        if sched:
+            for state in states:
+                if state._deps:
+                    self._check_dependencies(state)
         if self._stop_requested and states:
             self._check_state(states[0])  # ManagerStoppedError, naming the first
         loop = self._bind_loop()
@@ -155,7 +170,7 @@ class StateManager(FastPaths, EventSource):
             now, books = self._books.clock(), self._books
             ctx = SharedContext(contextvars.copy_context())  # each state copies it as it starts
             handles = [StateHandle(state, books, now, ctx) for state in states]
-            self._queued(handles)
+            self._queued(handles, sched)
             return handles
         handles = []
         for state in states:
@@ -177,12 +192,16 @@ class StateManager(FastPaths, EventSource):
 
     def _enqueue(self, state: State) -> StateHandle:
         handle = StateHandle(state, self._books, self._books.clock(), contextvars.copy_context())
-        self._queued((handle,))
+        self._queued((handle,), state._sched)
         return handle
 
-    def _queued(self, handles: Sequence[StateHandle]) -> None:
-        """``handles`` join the queue (new, QUEUED); the main loop wakes if it waits."""
-        self._queue.extend(handles)
+    def _queued(self, handles: Sequence[StateHandle], sched: bool = True) -> None:
+        """``handles`` join the queue (new, QUEUED); the main loop wakes if it waits.
+        ``sched``: some have a priority (they go to the queue's heap)."""
+        if sched:
+            self._queue.extend(handles)
+        else:
+            self._queue.fifo.extend(handles)
         books = self._books
         books.added(len(handles), _QUEUED)
         if books.hub is not None:
@@ -216,18 +235,19 @@ class StateManager(FastPaths, EventSource):
             self._spawn(self._prewarm(configured), None)
         try:
             queue = self._queue
+            fifo, heap = queue.fifo, queue.heap
             fast, eager = self._fast_paths(loop)
             turn, started = loop.time(), 0
             while not self._stop_requested:
-                if not queue:
+                if not fifo and not heap:
                     self._wakeup = loop.create_future()
                     await self._wakeup
                     self._wakeup = None
                     turn, started = loop.time(), 0
                     fast, eager = self._fast_paths(loop)
                     continue
-                handle = queue.popleft()
-                if handle.status is not _QUEUED:
+                handle = queue.pop() if heap else fifo.popleft()
+                if handle.status is not _QUEUED and not self._resume(handle):
                     continue
                 state = handle.state
                 if fast and self._plain(state):
@@ -261,14 +281,21 @@ class StateManager(FastPaths, EventSource):
             logger.warning("executor %r failed to pre-warm", ex.name, exc_info=True)
 
     async def _start(self, handle: StateHandle) -> None:
-        """Hold the queue on the gate, then dispatch; await the state unless it is blocking."""
-        event = handle.state.event
+        """Wait for dependencies (parked), hold the queue on the gate, wait for tag slots
+        (parked), then dispatch; await the state unless it is blocking."""
+        state = handle.state
+        if state._deps and not self._deps_ready(handle):
+            return
+        event = state.event
         if event is not None and not event.is_set():
-            handle._set_status(_WAITING)
+            if handle.status is not _WAITING:
+                handle._set_status(_WAITING)
             gate = self._spawn(_open_gate(handle, event), handle)
             await self._await_own(gate, handle)
             if handle.status is not _WAITING:
                 return
+        if state.tags and not self._slots_ready(handle):
+            return
         task = self._spawn(self._run(handle), handle, untrack_when_done=False)
         if not handle.state.is_blocking:
             if self._queue:
@@ -353,6 +380,7 @@ class StateManager(FastPaths, EventSource):
         if handle.status is _QUEUED or handle.status is _WAITING:
             handle._set_status(_RUNNING)
         self._books.running.add(handle)
+        first = handle._executor_name is None  # not back from waiting for a retry
         try:
             try:
                 executor = self._executor_for(state)
@@ -361,7 +389,8 @@ class StateManager(FastPaths, EventSource):
                 log_failure(handle, state.executor_name, exc)
                 return
             ex_name = handle._executor_name = executor.name
-            self._books.started(handle, ex_name)
+            if first:
+                self._books.started(handle, ex_name)
             inline = executor.runs_on_loop  # the engine calls the function: no PreparedCall
             debug = logger.isEnabledFor(logging.DEBUG)
             books, marks = self._books, marks_of(handle)
@@ -373,10 +402,15 @@ class StateManager(FastPaths, EventSource):
                 marks.attempt(books.clock())
                 try:
                     if state._has_lazy:
-                        args, kwargs = await state._resolve_lazy()
+                        args, kwargs = self._stashed(handle) or await state._resolve_lazy()
                         marks.t1 = books.clock()
                     else:
                         args, kwargs = state.args, state.kwargs
+                    if state._deps or state._has_lazy:  # handles become their results
+                        arguments = self._with_results(handle, args, kwargs)
+                        if arguments is None:
+                            return  # it waits for a handle a lazy argument gave, or failed
+                        args, kwargs = arguments
                     if debug:
                         log_enter(handle, ex_name, loop)
                     if inline:
@@ -427,14 +461,36 @@ class StateManager(FastPaths, EventSource):
                     timer.cancel()
                     handle._timer = None
                 if attempt <= state.retries:
-                    log_retry(handle, ex_name, failure)
-                    books.retrying(handle, failure, 0.0)
-                    continue
+                    delay = self._retry_delay(handle, failure, attempt)
+                    if delay is not None:
+                        log_retry(handle, ex_name, failure)
+                        books.retrying(handle, failure, delay)
+                        if not delay:
+                            continue
+                        self._retry_later(handle, delay)
+                        return
                 handle._finish(_FAILED, exc=failure)
                 log_failure(handle, ex_name, failure)
                 return
         finally:
             self._tasks.discard(handle._task)
+            if state.tags:
+                self._slots.release(handle)
+
+    @staticmethod
+    def _retry_delay(handle: StateHandle, failure: BaseException, attempt: int) -> float | None:
+        """Seconds before the next attempt after this failure, or None: it is not retried."""
+        policy = handle.state._retry
+        if policy is None:
+            return 0.0
+        try:
+            accepted = policy.accepts(failure)
+        except Exception:
+            logger.exception("state %r (%s): the retry predicate 'on' raised; not retried",
+                             handle.state.name, handle.state.func_name,
+                             extra=state_extra(handle, handle._executor_name or ""))
+            return None
+        return policy.wait_after(attempt) if accepted else None
 
     def _on_start(self, handle: StateHandle, attempt: int) -> None:
         loop = self._loop
@@ -468,14 +524,31 @@ class StateManager(FastPaths, EventSource):
         return handle
 
     async def _detached(self, handle: StateHandle) -> None:
-        event = handle.state.event
-        if event is not None and not event.is_set():
-            handle._set_status(_WAITING)
-            await self._await_own(self._spawn(_open_gate(handle, event), handle), handle)
-            if handle.done():
-                return
-        task = self._spawn(self._run(handle), handle, untrack_when_done=False)
-        await asyncio.wait([task])
+        state = handle.state
+        loop = self._loop
+        assert loop is not None
+        gated = False
+        while not handle.done():  # one pass per attempt; a parked state comes back here
+            resumed = self._resumers[handle] = loop.create_future()
+            if state._deps and not self._deps_ready(handle):
+                await resumed
+                continue
+            event = state.event
+            if not gated and event is not None and not event.is_set():
+                if handle.status is not _WAITING:
+                    handle._set_status(_WAITING)
+                await self._await_own(self._spawn(_open_gate(handle, event), handle), handle)
+                if handle.done():
+                    break
+            gated = True
+            if state.tags and not self._slots_ready(handle):
+                await resumed
+                continue
+            task = self._spawn(self._run(handle), handle, untrack_when_done=False)
+            await asyncio.wait([task])
+            if handle in self._parked or handle in self._stash:
+                await resumed
+        self._resumers.pop(handle, None)
 
     # -- stopping ----------------------------------------------------------------------------
 
@@ -515,8 +588,9 @@ class StateManager(FastPaths, EventSource):
     async def _shutdown(self) -> None:
         self._stop_requested = True
         while self._queue:
-            self._queue.popleft().cancel()
+            self._queue.pop().cancel()
         self._books.wake_producers()
+        self._cancel_parked()
         current = asyncio.current_task()
         tasks = [t for t in self._tasks if t is not current and not t.done()]
         for task in tasks:
@@ -564,11 +638,17 @@ class StateManager(FastPaths, EventSource):
     # -- observability ---------------------------------------------------------------------
 
     def stats(self) -> ManagerStats:
-        """A frozen snapshot: counts by status and by executor, and what runs now."""
+        """A frozen snapshot: counts by status and by executor, what runs now, and per tag
+        (``by_tag``: running, waiting for a slot, limit)."""
         loop = self._loop
         books = self._books
         return snapshot(books.counts, books.by_executor, books.running,
-                        loop.time() if loop is not None else 0.0)
+                        loop.time() if loop is not None else 0.0, self._slots.by_tag())
+
+    def set_limit(self, tag: str, limit: int | None) -> None:
+        """Change how many states holding ``tag`` may run at once (``None``: no limit); takes
+        effect at once, while the manager runs (waiters that now fit start). Loop thread."""
+        self._slots.set_limit(tag, limit)
 
     def __repr__(self) -> str:
         phase = "stopped" if self._stopped else "stopping" if self._stop_requested else "open"

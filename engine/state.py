@@ -6,22 +6,22 @@ import asyncio
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from statepool.executors import registry
 from statepool.executors.base import Executor, PreparedCall
 
 from . import current
 from .errors import LazyArgumentError
+from .handle import StateHandle
 from .naming import func_name as _func_name
 from .naming import is_coroutine_callable
-
-if TYPE_CHECKING:
-    from .handle import StateHandle
+from .retry import Retry
 
 __all__ = ["State"]
 
 _EMPTY: dict[str, Any] = {}
+_NONE: tuple[Any, ...] = ()
 
 
 class State:
@@ -33,10 +33,15 @@ class State:
     """
 
     __slots__ = (
+        "_deps",
         "_executor",
         "_func_name",
         "_has_lazy",
         "_is_coro",
+        "_retry",
+        "_sched",
+        "_waits",
+        "after",
         "args",
         "event",
         "executor",
@@ -46,7 +51,9 @@ class State:
         "lazy_args",
         "lazy_kwargs",
         "name",
+        "priority",
         "retries",
+        "tags",
         "timeout",
     )
 
@@ -64,7 +71,10 @@ class State:
         event_to_wait: asyncio.Event | None = None,
         executor: str | Executor | None = None,
         timeout: float | None = None,
-        retries: int = 0,
+        retries: int | Retry = 0,
+        after: Sequence[StateHandle] = _NONE,
+        tags: Sequence[str] = _NONE,
+        priority: int = 0,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"State name must be a non-empty str, got {name!r}")
@@ -87,9 +97,38 @@ class State:
         else:
             self.event = self._gate(event, event_to_wait)
         self.timeout = None if timeout is None else self._timeout(timeout)
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(self._field("retries", "must be an int >= 0", retries))
-        self.retries = retries
+        if type(retries) is int and retries >= 0:  # the common case first
+            self._retry: Retry | None = None
+            self.retries = retries
+        elif isinstance(retries, Retry):
+            self._retry = retries
+            self.retries = retries.times
+        elif isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(self._field("retries", "must be an int >= 0 or a Retry", retries))
+        else:
+            self._retry = None
+            self.retries = int(retries)
+        if after is _NONE and tags is _NONE and priority == 0 and type(priority) is int:
+            self.after = self.tags = _NONE
+            self.priority = 0
+            sched = False
+        else:
+            sched = self._scheduling(after, tags, priority)
+        # Dependencies: ``after`` and the handles given directly as arguments (engine/deps.py).
+        handles = bool(self.lazy_args or self.kwargs or self.lazy_kwargs or self.after)
+        if not handles:
+            for arg in self.args:
+                if type(arg) is StateHandle:
+                    handles = True
+                    break
+        if handles:
+            self._deps = self._handles_in_arguments(self.after)
+            self._waits = bool(self._deps or self.tags)  # it may wait, not holding the queue
+            self._sched = self._waits or sched
+        else:
+            self._deps = _NONE
+            self._waits = bool(self.tags)
+            self._sched = sched  # the scheduler looks at it when put
         self.executor = executor
         if executor is None:  # the default, which needs no check
             self._executor = "inline" if self._is_coro or not self.is_blocking else "thread"
@@ -137,6 +176,43 @@ class State:
         if not isinstance(gate, asyncio.Event):
             raise TypeError(self._field("event", "must be an asyncio.Event", gate))
         return gate
+
+    def _scheduling(self, after: Any, tags: Any, priority: Any) -> bool:
+        """Check and set ``after``, ``tags`` and ``priority``; True if any is not the default."""
+        self.after = self._after(after) if after is not _NONE else _NONE
+        self.tags = self._tags(tags) if tags is not _NONE else _NONE
+        if type(priority) is not int:
+            if isinstance(priority, bool) or not isinstance(priority, int):
+                raise TypeError(self._field("priority", "must be an int", priority))
+            priority = int(priority)
+        self.priority = priority
+        return bool(self.after or self.tags or priority)
+
+    def _after(self, after: Any) -> tuple[StateHandle, ...]:
+        if not isinstance(after, (tuple, list)):
+            raise TypeError(self._field("after", "must be a tuple or list of StateHandles", after))
+        for dep in after:
+            if not isinstance(dep, StateHandle):
+                raise TypeError(self._field("after", "must hold StateHandles only", dep))
+        return tuple(dict.fromkeys(after))
+
+    def _tags(self, tags: Any) -> tuple[str, ...]:
+        if not isinstance(tags, (tuple, list)):
+            raise TypeError(self._field("tags", "must be a tuple or list of str", tags))
+        for tag in tags:
+            if not isinstance(tag, str) or not tag:
+                raise ValueError(self._field("tags", "must hold non-empty strs only", tag))
+        return tuple(dict.fromkeys(tags))
+
+    def _handles_in_arguments(self, deps: tuple[StateHandle, ...]) -> tuple[StateHandle, ...]:
+        """``deps`` and every handle given directly as an element of the four arguments."""
+        found: list[StateHandle] = []
+        for seq in (self.args, self.lazy_args, self.kwargs.values(), self.lazy_kwargs.values()):
+            if seq and StateHandle in map(type, seq):
+                found.extend(item for item in seq if type(item) is StateHandle)
+        if not found:
+            return deps
+        return tuple(dict.fromkeys((*deps, *found)))
 
     def _timeout(self, timeout: Any) -> float:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
@@ -186,6 +262,8 @@ class State:
             return item
         try:
             value = item()
+            if type(value) is StateHandle:  # a dependency: the state waits for it parked
+                return value
             if inspect.isawaitable(value):
                 value = await value
         except Exception as exc:

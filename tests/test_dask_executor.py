@@ -531,3 +531,18 @@ async def test_external_cluster_cancel_spares_workers_unless_asked(
                 assert pids_gone([victim], 5)
             else:  # Dask cannot stop a running task: it runs on, its result dropped
                 assert psutil.pid_exists(victim)
+
+
+async def test_manager_dependencies_on_dask() -> None:
+    from statepool.engine import DependencyError
+
+    ex = DaskExecutor(n_workers=1)
+    async with StateManager(executors={"dask": ex}) as m:
+        a = await m.put_state(State("a", add, True, executor="dask", args=(1, 2)))
+        b = await m.put_state(State("b", add, True, executor="dask", args=(a, 10)))
+        bad = await m.put_state(State("bad", add, True, executor="dask", args=("x", 1)))
+        c = await m.put_state(State("c", add, True, executor="dask", lazy_args=(bad, 1)))
+        assert await b == 13
+        await m.join()
+    err = c.exception()
+    assert isinstance(err, DependencyError) and isinstance(err.__cause__, TypeError)

@@ -1,0 +1,198 @@
+"""States that wait without holding the queue: dependencies, tag slots, retry delays.
+
+A part of :class:`~statepool.engine.manager.StateManager`, kept apart as the fast paths are. A
+state that must wait is *parked*: it is ``WAITING``, it is in no queue and holds no worker and no
+tag slot, and the main loop goes on with the states behind it. When what it waits for happens (its
+last dependency succeeded, slots of its tags freed, its retry delay passed) it comes back to the
+front of the queue at its priority (``StateQueue.push_front``) and the main loop takes it up where
+it left. A failed or cancelled dependency fails it at once with ``DependencyError``; ``cancel()``
+ends a parked state at once; at stop, parked states end ``CANCELLED``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from . import deps
+from .handle import StateHandle, StateStatus
+from .log import logger, state_extra
+
+if TYPE_CHECKING:
+    from .books import Books
+    from .queue import StateQueue
+    from .slots import TagSlots
+    from .state import State
+
+__all__ = ["Waiting"]
+
+_WAITING, _FAILED = StateStatus.WAITING, StateStatus.FAILED
+Arguments = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+class Waiting:
+    """Parking and resuming states (attributes of the manager, set by its ``__init__``)."""
+
+    _loop: asyncio.AbstractEventLoop | None
+    _books: Books
+    _queue: StateQueue
+    _slots: TagSlots
+    _wakeup: asyncio.Future[None] | None
+
+    def _init_waiting(self) -> None:
+        self._ready: set[StateHandle] = set()  # parked states back in the queue
+        self._parked: weakref.WeakSet[StateHandle] = weakref.WeakSet()
+        self._stash: dict[StateHandle, Arguments] = {}  # resolved lazy args of a parked state
+        self._resumers: dict[StateHandle, asyncio.Future[None]] = {}  # enter_state()'s states
+
+    # -- checks at put ---------------------------------------------------------------------
+
+    def _check_dependencies(self, state: State) -> None:
+        message = deps.foreign_dependency(state, self._books, state._deps)
+        if message is not None:
+            raise ValueError(message)
+
+    # -- the main loop's side ----------------------------------------------------------------
+
+    def _resume(self, handle: StateHandle) -> bool:
+        """A handle taken from the queue that is not QUEUED: True if it is a parked state
+        coming back (the main loop starts it), False to skip it."""
+        if handle not in self._ready:
+            return False
+        self._ready.discard(handle)
+        if handle.status.terminal:  # cancelled after it came back: give back what it took
+            self._slots.forget(handle)
+            return False
+        return True
+
+    def _wake_main(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    def _requeue(self, handle: StateHandle) -> None:
+        """A parked state may go on: back to the front of the queue (or to its enter_state)."""
+        handle._timer = None
+        self._parked.discard(handle)
+        if handle.status.terminal:
+            self._slots.forget(handle)
+            return
+        resumer = self._resumers.pop(handle, None)
+        if resumer is not None:
+            if not resumer.done():
+                resumer.set_result(None)
+            return
+        self._ready.add(handle)
+        self._queue.push_front(handle)
+        self._wake_main()
+
+    def _park(self, handle: StateHandle) -> None:
+        self._slots.release(handle)
+        self._books.running.discard(handle)
+        if handle.status is not _WAITING:
+            handle._set_status(_WAITING)
+        self._parked.add(handle)
+
+    def _fail_dependent(self, handle: StateHandle, dep: StateHandle) -> None:
+        self._parked.discard(handle)
+        self._slots.forget(handle)
+        self._stash.pop(handle, None)
+        resumer = self._resumers.pop(handle, None)
+        error = deps.dependency_error(handle.state, dep)
+        if handle._finish(_FAILED, exc=error):
+            # one line: the dependency's own failure was logged with its traceback
+            state = handle.state
+            executor = handle._executor_name or state.executor_name
+            logger.error("state %r (%s) on %s failed: %s", state.name, state.func_name,
+                         executor, error, extra=state_extra(handle, executor))
+        if resumer is not None and not resumer.done():
+            resumer.set_result(None)
+
+    def _wait_for(self, handle: StateHandle, waited: list[StateHandle]) -> None:
+        """Park ``handle`` until every handle of ``waited`` ended; the first failure fails it."""
+        self._park(handle)
+        left = [len(waited)]
+
+        def one_done(dep: StateHandle) -> None:
+            if handle.status.terminal:
+                return
+            if dep.status is not StateStatus.SUCCEEDED:
+                self._fail_dependent(handle, dep)
+                return
+            left[0] -= 1
+            if not left[0]:
+                self._requeue(handle)
+
+        for dep in waited:
+            deps.when_done(dep, one_done)
+
+    def _deps_ready(self, handle: StateHandle) -> bool:
+        """True when every dependency succeeded; else the state is parked or failed."""
+        state_deps = handle.state._deps
+        if not state_deps:
+            return True
+        failed = deps.failed_dependency(state_deps)
+        if failed is not None:
+            self._fail_dependent(handle, failed)
+            return False
+        waited = deps.pending(state_deps)
+        if not waited:
+            return True
+        self._wait_for(handle, waited)
+        return False
+
+    def _slots_ready(self, handle: StateHandle) -> bool:
+        """True when the state holds a slot of each of its tags; else it waits for them."""
+        if self._slots.acquire(handle):
+            return True
+        self._park(handle)
+        return False
+
+    # -- inside an attempt (StateManager._run) -------------------------------------------------
+
+    def _with_results(self, handle: StateHandle, args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> Arguments | None:
+        """The arguments with handles replaced by results; None when the state cannot run now:
+        it waits for a handle a lazy argument returned (parked), or one of them failed."""
+        new_args, new_kwargs, found = deps.with_results(args, kwargs)
+        if not found:
+            return args, kwargs
+        message = deps.foreign_dependency(handle.state, self._books, found)
+        if message is not None:
+            raise ValueError(message)
+        failed = deps.failed_dependency(found)
+        if failed is not None:
+            self._fail_dependent(handle, failed)
+            return None
+        waited = deps.pending(found)
+        if waited:  # returned by a lazy argument: this attempt starts once they end
+            handle.attempts -= 1
+            self._stash[handle] = (args, kwargs)
+            self._wait_for(handle, waited)
+            return None
+        return new_args, new_kwargs
+
+    def _stashed(self, handle: StateHandle) -> Arguments | None:
+        return self._stash.pop(handle, None) if self._stash else None
+
+    def _retry_later(self, handle: StateHandle, delay: float) -> None:
+        """Park ``handle`` for ``delay`` seconds before its next attempt (cancel() ends it)."""
+        loop = self._loop
+        assert loop is not None
+        self._park(handle)
+        handle._timer = loop.call_later(delay, self._requeue, handle)
+
+    # -- stopping ------------------------------------------------------------------------------
+
+    def _cancel_parked(self) -> None:
+        for handle in list(self._parked):
+            handle.cancel()
+        self._parked.clear()
+        for handle in list(self._ready):
+            handle.cancel()
+        self._ready.clear()
+        for fut in self._resumers.values():
+            if not fut.done():
+                fut.set_result(None)
+        self._resumers.clear()
