@@ -117,3 +117,87 @@ def answer(x: int) -> int:
 
 async def answer_async(x: int) -> int:
     return x
+
+
+# -- leaving processes behind (test_orphans.py) ----------------------------------------------
+
+
+def _write_pid(path: str, pid: int) -> None:
+    with open(f"{path}.tmp", "w") as file:
+        file.write(str(pid))
+    os.replace(f"{path}.tmp", path)
+
+
+def spin_forever() -> None:
+    """Burn CPU until killed (a busy service state)."""
+    n = 0
+    while True:
+        n += 1
+
+
+async def spin_forever_async() -> None:
+    spin_forever()
+
+
+def popen_then_sleep(path: str, seconds: float = 120.0) -> int:
+    """Start a ``sleep`` child, write its PID to ``path``, then sleep."""
+    import subprocess
+    import time
+
+    child = subprocess.Popen(["sleep", str(int(seconds))])
+    _write_pid(path, child.pid)
+    time.sleep(seconds)
+    return child.pid
+
+
+async def popen_then_sleep_async(path: str, seconds: float = 120.0) -> int:
+    import asyncio
+    import subprocess
+
+    child = subprocess.Popen(["sleep", str(int(seconds))])
+    _write_pid(path, child.pid)
+    await asyncio.sleep(seconds)
+    return child.pid
+
+
+def daemonize(path: str, seconds: float = 120.0) -> None:
+    """Double fork and ``setsid``: a daemon that keeps this process's descriptors (its socket,
+    its sentinel) open for ``seconds`` and writes its PID to ``path``."""
+    import time
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            if os.fork() == 0:
+                _write_pid(path, os.getpid())
+                time.sleep(seconds)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    while not os.path.exists(path):
+        time.sleep(0.005)
+
+
+def daemonize_then_sleep(path: str, seconds: float = 120.0) -> None:
+    import time
+
+    daemonize(path, seconds)
+    time.sleep(seconds)
+
+
+async def daemonize_then_sleep_async(path: str, seconds: float = 120.0) -> None:
+    import asyncio
+
+    daemonize(path, seconds)
+    await asyncio.sleep(seconds)
+
+
+def daemonize_then_exit(path: str) -> None:
+    """Leave a daemon holding this worker's descriptors, then kill the worker."""
+    daemonize(path)
+    os._exit(3)
+
+
+async def daemonize_then_exit_async(path: str) -> None:
+    daemonize_then_exit(path)

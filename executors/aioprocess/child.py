@@ -24,6 +24,7 @@ import aiomultiprocess
 from aiomultiprocess.core import get_context
 from aiomultiprocess.types import Unit
 
+from .._wire import lifeline
 from .._wire.remote import run_pickled_async
 from .._wire.threads import apply_loaded, set_here
 
@@ -68,7 +69,7 @@ class ChildProcess(aiomultiprocess.Process):  # type: ignore[misc]
     ) -> None:
         self.unit = Unit(
             target=child_main,
-            args=(sock,),
+            args=(sock, os.getpid()),
             kwargs={},
             namespace=None,
             initializer=child_init,
@@ -93,8 +94,10 @@ def child_init(env: dict[str, str], initializer: Callable[..., None] | None,
             apply_loaded()
 
 
-async def child_main(sock: socket.socket) -> None:
+async def child_main(sock: socket.socket, parent: int | None = None) -> None:
     """Run every ``RUN`` frame as a task of this loop until the parent closes the socket."""
+    if parent is not None:
+        lifeline.arm(parent)  # never outlive the parent (nor what our states start)
     reader, writer = await asyncio.open_connection(sock=sock)
     writer.write(frame(READY, os.getpid()))
     outbox = _Outbox(writer)

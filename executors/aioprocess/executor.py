@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 MAX_RERUNS = 2  # times an innocent call is sent again after its child was killed on purpose
 _RERUN = -1  # the job's future answers this kind: send it again
 _STOP_TIMEOUT_S = 5.0
+_LIVENESS_S = 1.0  # how often busy children are checked for a death their socket did not tell
 
 
 class _Phase(enum.Enum):
@@ -102,6 +103,7 @@ class AioProcessExecutor(Executor):
         self._drained: list[asyncio.Future[None]] = []  # shutdown(cancel=False) waits on these
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pickler = OffLoop("statepool-aioprocess-pickle")
+        self._watch_timer: asyncio.TimerHandle | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -166,6 +168,9 @@ class AioProcessExecutor(Executor):
                 await asyncio.wait(self._background)
             await self._stop_children(graceful=not cancel)
         finally:
+            if self._watch_timer is not None:
+                self._watch_timer.cancel()
+                self._watch_timer = None
             self._started, self._spawn_error, self._loop = None, None, None
             self._cancelling = False
             self._spawning = 0  # respawns cancelled before they ran never counted down
@@ -174,6 +179,15 @@ class AioProcessExecutor(Executor):
             self._closed.set_result(None)
             self._closed = None
         logger.debug("aioprocess: shut down (cancel=%s)", cancel)
+
+    def _tick(self) -> None:
+        """While children hold calls: notice a death that end of file did not tell (a process
+        a state started holds the child's socket open)."""
+        self._watch_timer = None
+        for child in self._children:
+            child.check()
+        if self._loop is not None and any(child.in_flight for child in self._children):
+            self._watch_timer = self._loop.call_later(_LIVENESS_S, self._tick)
 
     def _cancel_everything(self) -> None:
         """Cancel the calls waiting in line and those in the children (which are killed)."""
@@ -227,6 +241,9 @@ class AioProcessExecutor(Executor):
             child.send(frame(RUN, job.tid, job.payload))
             call.worker = child.pid
             call.started()
+            if self._watch_timer is None:
+                self._watch_timer = asyncio.get_running_loop().call_later(_LIVENESS_S,
+                                                                          self._tick)
             try:
                 kind, body = await future
             except asyncio.CancelledError:

@@ -17,6 +17,7 @@ from typing import Any
 
 from statepool.engine.errors import WorkerCrashedError
 
+from .._wire.lifeline import kill_tree
 from ..base import PreparedCall
 from .child import HEADER, READY, ChildProcess
 
@@ -177,7 +178,7 @@ class ChildHandle:
         if self.killed_for is None:
             self.killed_for = reason
         if not self._released and self.proc.exitcode is None:
-            self.proc.kill()
+            kill_tree(self.pid)  # with what its states started (it is their subreaper)
 
     def end_input(self) -> None:
         """Close our sending side: the child finishes what it runs, then exits."""
@@ -204,13 +205,24 @@ class ChildHandle:
         return code
 
     async def wait_closed(self, timeout: float) -> None:
-        """Wait until the child is gone and reaped, killing it past ``timeout``."""
+        """Wait until the child is gone and reaped, killing it past ``timeout``; bounded even
+        when a process it left behind holds its socket open."""
         if self._task is None:
             return
         done, _ = await asyncio.wait({self._task}, timeout=timeout)
         if not done:
             self.kill("it did not stop in time")
-            await self._task
+            done, _ = await asyncio.wait({self._task}, timeout=REAP_GRACE_S)
+        if not done:
+            self.check()  # dead, but its socket is held open elsewhere: end the reader
+            await asyncio.wait({self._task}, timeout=2 * REAP_GRACE_S)
+
+    def check(self) -> None:
+        """A child that died while a process it started holds its socket open gives no end
+        of file: when the process is gone, end the reader (which reports it lost)."""
+        if self.alive and not self._released and self.proc.exitcode is not None:
+            self.writer.close()
+            self.reader.feed_eof()
 
     def close(self) -> None:
         self.alive = False

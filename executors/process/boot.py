@@ -17,7 +17,8 @@ RUN_NAME = "__statepool_worker__"
 
 # the modules a worker imports, relative to executors/ (compile_ahead compiles them)
 _WORKER_MODULES = ("__init__", "base", "process/__init__", "process/worker",
-                   "_wire/__init__", "_wire/remote", "_wire/shm", "_wire/threads")
+                   "_wire/__init__", "_wire/lifeline", "_wire/remote", "_wire/shm",
+                   "_wire/threads")
 
 
 def compile_ahead(prefix: str) -> None:

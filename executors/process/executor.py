@@ -36,7 +36,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -45,7 +44,7 @@ import psutil
 
 from statepool.engine.errors import WorkerCrashedError
 
-from .._wire import shm, threads
+from .._wire import lifeline, shm, threads
 from ..base import Executor, PreparedCall
 from . import boot
 from .batch import Job
@@ -57,9 +56,11 @@ __all__ = ["LokyExecutor"]
 
 logger = logging.getLogger(__name__)
 
+TEMP_PREFIX = "statepool-process-"  # then the parent's PID (see lifeline.sweep)
 MAX_RERUNS = 3  # a call sent again this often after deaths with nobody to blame fails
 MAX_START_FAILURES = 3  # workers in a row that die before they answer: stop trying
 _STOP_TIMEOUT_S = 5.0
+_EXIT_POLL_S = 0.05  # at stop, how often the workers' exit codes are polled
 _LIVENESS_S = 1.0  # how often busy workers are checked for a death the sentinel missed
 
 
@@ -116,7 +117,7 @@ class LokyExecutor(Dispatch, Executor):
         if self._phase is Phase.NEW:
             self._loop = loop
             self._helper = ThreadPoolExecutor(1, thread_name_prefix="statepool-loky")
-            self._dir = tempfile.mkdtemp(prefix="statepool-process-")
+            self._dir = lifeline.make_temp_dir(TEMP_PREFIX)  # and sweep dead parents' ones
             self._finalizer = weakref.finalize(self, _cleanup, self._procs, self._dir)
             self._table = SlotTable.create(self.max_workers * RING, self._dir)
             self._env = threads.worker_env(self.inner_threads, self.max_workers)
@@ -217,18 +218,33 @@ class LokyExecutor(Dispatch, Executor):
                 worker.kill("the executor closed")
             elif worker.alive:
                 worker.stop()
-        exits = [w.exited for w in workers if w.exited is not None]
-        if exits:
-            _, late = await asyncio.wait(exits, timeout=_STOP_TIMEOUT_S)
-            if late:
-                for worker in workers:
-                    worker.kill("it did not stop in time")
-                await asyncio.wait(late)
+        await self._wait_exits(loop, workers)
         await loop.run_in_executor(self._helper, _nothing)
         self._helper.shutdown(wait=True)
         self._table.close()
         if self._finalizer is not None:
             self._finalizer()  # removes the temporary directory
+
+    async def _wait_exits(self, loop: asyncio.AbstractEventLoop, workers: list[Worker]) -> None:
+        """Wait until the workers are gone, killing them past ``_STOP_TIMEOUT_S``; bounded even
+        when a process a state left behind holds a worker's socket or sentinel open (its exit
+        code is polled)."""
+        exits = {w.exited for w in workers if w.exited is not None}
+        deadline = loop.time() + _STOP_TIMEOUT_S
+        killed = False
+        while exits:
+            _, exits = await asyncio.wait(exits, timeout=_EXIT_POLL_S)
+            for worker in workers:
+                if worker.alive and worker.process.exitcode is not None:
+                    worker.died()  # gone: nothing else would tell
+            if exits and loop.time() > deadline:
+                if killed:
+                    logger.error("process executor: workers %s did not exit",
+                                 [w.pid for w in workers if w.alive])
+                    break
+                for worker in workers:
+                    worker.kill("it did not stop in time")
+                killed, deadline = True, loop.time() + _STOP_TIMEOUT_S
 
     def _unfinished(self) -> list[asyncio.Future[Any]]:
         futs = [job.fut for job in self._pending if not job.fut.done()]

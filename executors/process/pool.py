@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import runpy
 import signal
 import socket
@@ -22,9 +23,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import psutil
 from loky.backend.context import get_context
 
+from .._wire.lifeline import kill_tree
 from . import boot
 from .batch import Batch, Job
 from .worker import FRAME, STOP, SlotTable
@@ -90,7 +91,7 @@ class Worker:
         """Start a worker process (blocks a few ms: helper thread only); ``env`` is added to
         its environment (the thread limits of ``_wire.threads``)."""
         parent, child = socket.socketpair()
-        args = (child, table.path, table.nslots, base, ring, max_tasks, max_memory)
+        args = (child, table.path, table.nslots, base, ring, max_tasks, max_memory, os.getpid())
         try:
             process = get_context("loky").Process(  # boot runs worker_main(*args)
                 target=runpy.run_path, name=f"statepool-process-{index}", args=(_BOOT,),
@@ -319,18 +320,6 @@ class Worker:
                  if self.exitcode is not None else "dying")
         return (f"<Worker {self.index} pid={self.pid} {state} calls={len(self.jobs)} "
                 f"batches={len(self.batches)}>")
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and its descendants (a state may have started processes of its own)."""
-    try:
-        proc = psutil.Process(pid)
-        victims = [*proc.children(recursive=True), proc]
-    except psutil.Error:
-        return
-    for victim in victims:
-        with contextlib.suppress(psutil.Error):
-            victim.kill()
 
 
 def describe_exit(exitcode: int) -> str:

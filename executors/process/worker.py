@@ -32,6 +32,7 @@ import time
 import weakref
 from typing import Any
 
+from .._wire import lifeline
 from .._wire.remote import dumps_error, run_call, unloadable_call
 from .._wire.shm import keep_out, map_buffers, write_buffers
 from .._wire.threads import apply_loaded
@@ -166,9 +167,11 @@ class _Reader:
 
 
 def worker_main(sock: socket.socket, table_path: str, nslots: int, base: int, ring: int,
-                max_tasks: int | None, max_memory: int | None) -> None:
+                max_tasks: int | None, max_memory: int | None, parent: int | None = None) -> None:
     """Serve ``BATCH`` frames until ``STOP``, end of file, or a recycling."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops us
+    if parent is not None:
+        lifeline.arm(parent)  # never outlive the parent (nor what our states start)
     sock.setblocking(True)
     table = SlotTable(table_path, nslots, owner=False)
     states, cancels = table.states, table.cancels

@@ -1,0 +1,158 @@
+"""Worker processes never outlive their parent, nor do the processes they started.
+
+A worker calls :func:`arm` first thing. From then on, when its parent dies (even by ``SIGKILL``)
+the worker kills every process it started and exits, within about a second:
+
+* where Linux has it, ``prctl(PR_SET_PDEATHSIG, SIGTERM)``: the kernel sends the worker
+  ``SIGTERM`` as its parent dies, and the handler :func:`arm` installs kills the worker's
+  descendants and exits; (the signal is tied to the parent's *thread* that started the worker:
+  a backend passes ``pdeathsig=True`` only when that thread lives as long as the executor);
+* everywhere, a daemon thread that looks at ``os.getppid()`` every ``_WATCH_S`` seconds (a
+  dead parent's children are handed to another process) and does the same;
+* on Linux the worker is also a *child subreaper* (``PR_SET_CHILD_SUBREAPER``): a process a
+  state daemonized (double fork, ``setsid``) stays its descendant, so :func:`kill_tree` of the
+  worker, here or from the parent at stop, finds it too. (A subreaper's exited orphans stay
+  zombies until the worker exits.)
+
+:func:`sweep` removes the temporary directories of executors whose parent died before it could
+(named ``<prefix><pid>-...`` by :func:`make_temp_dir`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+
+__all__ = ["arm", "kill_descendants", "kill_tree", "make_temp_dir", "sweep"]
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+_WATCH_S = 0.2  # how often the watch thread looks at the parent
+_EXIT_CODE = 70  # what a worker whose parent died exits with
+
+
+def _prctl(option: int, value: int) -> bool:
+    """``prctl(option, value)`` where Linux has it; False elsewhere or on failure."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(option, value, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def arm(parent: int, *, pdeathsig: bool = True) -> None:
+    """In a worker (its main thread), at start: die with ``parent``, with what it started."""
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    if pdeathsig and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before we could watch it
+        _die()
+    threading.Thread(target=_watch, args=(parent,), name="statepool-lifeline",
+                     daemon=True).start()
+
+
+def _watch(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(_WATCH_S)
+    _die()
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    _die()
+
+
+def _die() -> None:
+    """Kill what this process started, then exit at once (no clean-up: the parent is gone)."""
+    with contextlib.suppress(BaseException):
+        kill_descendants()
+    os._exit(_EXIT_CODE)
+
+
+def kill_descendants() -> None:
+    """SIGKILL every descendant of this process (not this process)."""
+    import psutil
+
+    try:
+        victims = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for victim in victims:
+        with contextlib.suppress(psutil.Error):
+            victim.kill()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and its descendants (a state may have started processes of its own)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        victims = [*proc.children(recursive=True), proc]
+    except psutil.Error:
+        return
+    for victim in victims:
+        with contextlib.suppress(psutil.Error):
+            victim.kill()
+
+
+def make_temp_dir(prefix: str) -> str:
+    """A private temporary directory ``<prefix><our pid>-...``, after removing those of dead
+    parents (:func:`sweep`)."""
+    import tempfile
+
+    sweep(prefix)
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")
+
+
+def sweep(prefix: str, root: str | None = None) -> list[str]:
+    """Remove the directories ``<prefix><pid>-...`` of ``root`` (the temporary directory) that
+    belong to this user and whose process is gone; answer their paths."""
+    import shutil
+    import tempfile
+
+    root = tempfile.gettempdir() if root is None else root
+    removed = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return removed
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid_text = name[len(prefix):].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        path = os.path.join(root, name)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if uid is not None and info.st_uid != uid:
+            continue
+        if _alive_since(int(pid_text), info.st_mtime):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive_since(pid: int, mtime: float) -> bool:
+    """Is ``pid`` a live process that may own a directory last changed at ``mtime``? (A PID
+    reused by a process started later is not its owner.)"""
+    import psutil
+
+    try:
+        started = float(psutil.Process(pid).create_time())
+    except psutil.Error:  # gone
+        return False
+    return started <= mtime + 1.0

@@ -1,0 +1,204 @@
+"""Nothing is orphaned: workers die with their parent, and stop kills what states left behind.
+
+SPEC (executors): process workers ("process", "aioprocess") never outlive the parent: when it
+dies, even by SIGKILL, they exit within about a second, with the processes they started. At
+stop, processes a state left behind (children, daemonized grandchildren) are killed, and
+``process_states()`` returns within ``shutdown_grace`` plus a few seconds whatever they do. A
+dead parent's temporary directory is removed by the next executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import _attacks
+import psutil
+import pytest
+
+from statepool.engine import State, StateManager, StateStatus
+from statepool.engine.errors import WorkerCrashedError
+from statepool.executors import AioProcessExecutor, LokyExecutor
+from statepool.executors._wire import lifeline
+from statepool.executors.process.executor import TEMP_PREFIX
+
+TESTS = Path(__file__).resolve().parent
+DEADLINE_S = 30.0
+GONE_S = 3.0  # "about a second", with room for a loaded CI machine
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [pid for pid in pids if alive(pid)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.02)
+
+
+def read_pid(path: Path, timeout: float = DEADLINE_S) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return int(path.read_text())
+        except (FileNotFoundError, ValueError):
+            time.sleep(0.01)
+    raise AssertionError(f"no PID in {path}")
+
+
+PARENT = textwrap.dedent("""
+    import asyncio, json, os, sys
+    sys.path.insert(0, {tests!r})
+    import _attacks
+    from statepool.engine import State, StateManager
+    from statepool.executors import AioProcessExecutor, LokyExecutor
+
+    out = sys.argv[1]
+
+    async def main():
+        process, aio = LokyExecutor(3), AioProcessExecutor(1, 4)
+        m = StateManager(executors={{"process": process, "aioprocess": aio}})
+        task = asyncio.ensure_future(m.process_states())
+        put = lambda *a, **k: m.put_state(State(*a, **k))
+        await put("spin", _attacks.spin_forever, True, executor="process")
+        await put("popen", _attacks.popen_then_sleep, True, args=(out + ".popen",),
+                  executor="process")
+        await put("daemon", _attacks.daemonize_then_sleep, True, args=(out + ".daemon",),
+                  executor="process")
+        await put("aio-popen", _attacks.popen_then_sleep_async, True,
+                  args=(out + ".apopen",), executor="aioprocess")
+        await put("aio-spin", _attacks.spin_forever_async, True, executor="aioprocess")
+        while not all(os.path.exists(out + s) for s in (".popen", ".daemon", ".apopen")):
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # the spinners spin
+        info = {{"workers": process.worker_pids() + aio.worker_pids(), "dir": process._dir}}
+        with open(out + ".tmp", "w") as f:
+            json.dump(info, f)
+        os.replace(out + ".tmp", out)
+        await asyncio.sleep(3600)
+
+    if __name__ == "__main__":
+        asyncio.run(main())
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_workers_die_with_their_parent_and_take_what_they_started(
+        tmp_path: Path, sig: int) -> None:
+    out = tmp_path / "info"
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT.format(tests=str(TESTS)))
+    parent = subprocess.Popen([sys.executable, str(script), str(out)])
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while not out.exists():
+            assert parent.poll() is None, "the parent script died"
+            assert time.monotonic() < deadline, "the parent script did not get ready"
+            time.sleep(0.02)
+        info = json.loads(out.read_text())
+        started = [read_pid(Path(f"{out}{suffix}")) for suffix in (".popen", ".daemon",
+                                                                   ".apopen")]
+        victims = info["workers"] + started
+        assert len(info["workers"]) == 4 and all(alive(pid) for pid in victims)
+        parent.send_signal(sig)
+        parent.wait(10)
+        began = time.monotonic()
+        left = wait_gone(victims, GONE_S)
+        assert not left, f"outlived their parent by {GONE_S} s: {left}"
+        assert time.monotonic() - began < GONE_S
+        # the dead parent's temporary directory is left; the next executor removes it
+        assert os.path.isdir(info["dir"])
+        assert info["dir"] in lifeline.sweep(TEMP_PREFIX)
+        assert not os.path.exists(info["dir"])
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for suffix in (".popen", ".daemon", ".apopen"):
+            path = Path(f"{out}{suffix}")
+            if path.exists():
+                with __import__("contextlib").suppress(ProcessLookupError, ValueError):
+                    os.kill(int(path.read_text()), signal.SIGKILL)
+
+
+async def test_the_next_executor_removes_a_dead_parents_directory(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = Path(os.environ.get("TMPDIR", "/tmp")) / f"{TEMP_PREFIX}{dead.pid}-stale"
+    stale.mkdir(exist_ok=True)
+    (stale / "slots").write_bytes(b"x")
+    os.utime(stale, (time.time() + 5, time.time() + 5))  # not a PID reused since
+    ours = Path(os.environ.get("TMPDIR", "/tmp")) / f"{TEMP_PREFIX}{os.getpid()}-alive"
+    ours.mkdir(exist_ok=True)
+    ex = LokyExecutor(1)
+    try:
+        await ex.start()
+        assert not stale.exists()
+        assert ours.exists()  # a live parent's directory stays
+    finally:
+        await ex.shutdown(cancel=True)
+        ours.rmdir()
+
+
+@pytest.mark.parametrize("executor", ["process", "aioprocess"])
+@pytest.mark.parametrize("what", ["popen", "daemon"])
+async def test_stop_kills_what_states_left_behind_and_is_bounded(
+        tmp_path: Path, executor: str, what: str) -> None:
+    path = str(tmp_path / "pid")
+    aio = executor == "aioprocess"
+    fn: Any = {("popen", False): _attacks.popen_then_sleep,
+               ("popen", True): _attacks.popen_then_sleep_async,
+               ("daemon", False): _attacks.daemonize_then_sleep,
+               ("daemon", True): _attacks.daemonize_then_sleep_async}[what, aio]
+    ex = AioProcessExecutor(1, 2) if aio else LokyExecutor(1)
+    m = StateManager(executors={executor: ex}, shutdown_grace=0.5)
+    main = asyncio.ensure_future(m.process_states())
+    handle = await m.put_state(State("leaver", fn, True, args=(path,), executor=executor))
+    deadline = time.monotonic() + DEADLINE_S
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    left = int(Path(path).read_text())
+    began = time.monotonic()
+    m.signal_stopping()
+    await asyncio.wait_for(main, 0.5 + 6.0)
+    assert time.monotonic() - began < 6.5
+    assert handle.status is StateStatus.CANCELLED
+    assert not await asyncio.to_thread(wait_gone, [left], GONE_S), "left behind after stop"
+
+
+@pytest.mark.parametrize("executor", ["process", "aioprocess"])
+async def test_a_worker_that_dies_while_a_daemon_holds_its_socket_fails_its_state(
+        tmp_path: Path, executor: str) -> None:
+    """Its socket (and sentinel) stay open in the daemon: the exit code tells the death."""
+    path = str(tmp_path / "pid")
+    aio = executor == "aioprocess"
+    ex = AioProcessExecutor(1, 2) if aio else LokyExecutor(1)
+    fn = _attacks.daemonize_then_exit_async if aio else _attacks.daemonize_then_exit
+    try:
+        async with StateManager(executors={executor: ex}) as m:
+            handle = await m.put_state(State("dies", fn, True, args=(path,), executor=executor))
+            with pytest.raises(WorkerCrashedError, match="'dies'"):
+                await asyncio.wait_for(handle, DEADLINE_S)
+            follow = State("after", _attacks.answer_async if aio else _attacks.answer, True,
+                           args=(5,), executor=executor)
+            assert await asyncio.wait_for(await m.put_state(follow), DEADLINE_S) == 5
+    finally:
+        if os.path.exists(path):
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.kill(int(Path(path).read_text()), signal.SIGKILL)
