@@ -5,7 +5,8 @@ common path pays nothing for them); a state of another priority goes into a heap
 ``(-priority, sequence)``, so that higher priorities come first and equal ones keep their order.
 The main loop takes from the heap while its top has a priority above 0, then from the deque, then
 from the heap (priorities below 0). A state that waited without holding the queue (dependencies,
-a tag slot, a retry delay) comes back ahead of the states queued at its priority.
+a tag slot, a retry delay) comes back into the heap with a negative sequence number: ahead of the
+states queued at its priority (the deque too, for priority 0), FIFO among those that came back.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["StateQueue"]
 
 _FRONT = -(1 << 62)  # sequence numbers of states coming back: ahead of every queued one
+_ZERO = (0, 0)  # heap entries below it go before the FIFO (priority 0), the others after it
 
 
 class StateQueue:
@@ -45,16 +47,16 @@ class StateQueue:
         """The queued handles: the heap's above priority 0, the FIFO, then the others
         (in heap order within each part, not sorted)."""
         heap = self.heap
-        yield from (e[2] for e in heap if e[0] < 0)
+        yield from (e[2] for e in heap if e < _ZERO)
         yield from self.fifo
-        yield from (e[2] for e in heap if e[0] > 0)
+        yield from (e[2] for e in heap if e > _ZERO)
 
     def __getitem__(self, index: int) -> StateHandle:
         """``queue[0]``: the handle ``pop()`` returns next (only index 0)."""
         if index != 0:
             raise IndexError("StateQueue supports only [0], the next handle")
         heap = self.heap
-        if heap and (heap[0][0] < 0 or not self.fifo):
+        if heap and (heap[0] < _ZERO or not self.fifo):
             return heap[0][2]
         return self.fifo[0]
 
@@ -71,16 +73,13 @@ class StateQueue:
             self.push(handle)
 
     def push_front(self, handle: StateHandle) -> None:
-        """``handle`` comes back from waiting: ahead of the queued states of its priority."""
-        priority = handle.state.priority
-        if priority:
-            heapq.heappush(self.heap, (-priority, next(self._front), handle))
-        else:
-            self.fifo.appendleft(handle)
+        """``handle`` comes back from waiting: ahead of the queued states of its priority, behind
+        those that came back before it (in the heap, whatever its priority)."""
+        heapq.heappush(self.heap, (-handle.state.priority, next(self._front), handle))
 
     def pop(self) -> StateHandle:
         """The next handle (``IndexError`` when empty)."""
         heap = self.heap
-        if heap and (heap[0][0] < 0 or not self.fifo):
+        if heap and (heap[0] < _ZERO or not self.fifo):
             return heapq.heappop(heap)[2]
         return self.fifo.popleft()

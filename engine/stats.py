@@ -27,7 +27,7 @@ class ManagerStats(Mapping[str, Any]):
     by_tag: dict[str, dict[str, int | None]] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> Any:
-        if key not in self._keys():
+        if key not in self._keys() and key != "by_tag":  # by_tag reads {} without tags
             raise KeyError(key)
         return getattr(self, key)
 
