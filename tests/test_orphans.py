@@ -202,3 +202,65 @@ async def test_a_worker_that_dies_while_a_daemon_holds_its_socket_fails_its_stat
         if os.path.exists(path):
             with __import__("contextlib").suppress(ProcessLookupError):
                 os.kill(int(Path(path).read_text()), signal.SIGKILL)
+
+
+# -- hangs of the process executor -----------------------------------------------------------
+
+
+async def test_a_worker_that_cannot_start_once_is_tried_again(monkeypatch: Any) -> None:
+    """EMFILE, EAGAIN or ENOMEM at spawn: the calls waiting must not hang until another state
+    arrives."""
+    import errno
+
+    from statepool.executors.process.pool import Worker
+
+    real = Worker.spawn.__func__  # type: ignore[attr-defined]
+    tries: list[int] = []
+
+    def flaky(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        tries.append(1)
+        if len(tries) == 1:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Worker, "spawn", classmethod(flaky))
+    async with StateManager(executors={"process": LokyExecutor(1)}) as m:
+        handle = await m.put_state(State("waits", _attacks.answer, True, args=(3,),
+                                         executor="process"))
+        assert await asyncio.wait_for(handle, DEADLINE_S) == 3
+    assert len(tries) >= 2
+
+
+async def test_crashed_handles_kept_by_the_caller_hold_no_descriptor() -> None:
+    """Each kept crash used to hold its dead worker (a pipe and a 256 KiB buffer)."""
+    import gc
+
+    def fds() -> int:
+        return len(os.listdir(f"/proc/{os.getpid()}/fd"))
+
+    if not os.path.isdir(f"/proc/{os.getpid()}/fd"):
+        pytest.skip("no /proc here to count descriptors")
+    kept = []
+    async with StateManager(executors={"process": LokyExecutor(1)}) as m:
+        for i in range(12):
+            handle = await m.put_state(State(f"c{i}", _attacks.raise_kind, True,
+                                             args=("os_exit",), executor="process"))
+            with pytest.raises(WorkerCrashedError):
+                await asyncio.wait_for(handle, DEADLINE_S)
+            kept.append(handle)
+            if i == 1:
+                gc.collect()
+                before = fds()
+        gc.collect()
+        after = fds()
+    assert after - before <= 2, f"{after - before} descriptors for 10 kept crashes"
+
+
+async def test_a_result_computed_before_the_worker_dies_releasing_its_arguments_is_kept() -> None:
+    async with StateManager(executors={"process": LokyExecutor(1)}) as m:
+        handle = await m.put_state(State("kept", _attacks.answer_holding, True,
+                                         args=(11, _attacks.ExitsOnDel()), executor="process"))
+        assert await asyncio.wait_for(handle, DEADLINE_S) == 11
+        after = await m.put_state(State("after", _attacks.answer, True, args=(1,),
+                                        executor="process"))
+        assert await asyncio.wait_for(after, DEADLINE_S) == 1

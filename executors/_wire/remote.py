@@ -240,7 +240,6 @@ def run_call(state_name: str, fn: Callable[..., Any], args: tuple[Any, ...],
             result = asyncio.run(_await(result))
     except BaseException as exc:
         return _dumps_error(state_name, exc)
-    del fn, args, kwargs
     return dumps_result(state_name, result, buffers, keep_out)
 
 

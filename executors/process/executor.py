@@ -60,6 +60,7 @@ TEMP_PREFIX = "statepool-process-"  # then the parent's PID (see lifeline.sweep)
 MAX_RERUNS = 3  # a call sent again this often after deaths with nobody to blame fails
 MAX_START_FAILURES = 3  # workers in a row that die before they answer: stop trying
 _STOP_TIMEOUT_S = 5.0
+_RESPAWN_S = 0.1  # a worker that failed to start is tried again after this (times failures)
 _EXIT_POLL_S = 0.05  # at stop, how often the workers' exit codes are polled
 _LIVENESS_S = 1.0  # how often busy workers are checked for a death the sentinel missed
 
@@ -170,6 +171,9 @@ class LokyExecutor(Dispatch, Executor):
             logger.error("the process executor cannot start a worker: %s", exc, exc_info=exc)
             if self._start_failures >= MAX_START_FAILURES:
                 self._give_up(f"its workers cannot start ({type(exc).__name__}: {exc})")
+            elif self._phase is Phase.OPEN:  # EMFILE, EAGAIN, ENOMEM may pass: try again
+                assert self._loop is not None  # soon (the calls waiting would hang else)
+                self._loop.call_later(_RESPAWN_S * self._start_failures, self._refill)
             return
         worker = fut.result()
         self._procs[worker.pid] = worker.process
@@ -178,6 +182,10 @@ class LokyExecutor(Dispatch, Executor):
         worker.attach(self._loop, self._on_frames, self._on_exit)
         if self._phase is Phase.CLOSED:
             worker.kill("the executor closed")
+
+    def _refill(self) -> None:
+        if self._phase is Phase.OPEN:
+            self._fill()
 
     def _give_up(self, why: str) -> None:
         """Workers cannot start: fail what waits (a later ``run()`` tries again)."""
@@ -298,6 +306,8 @@ class LokyExecutor(Dispatch, Executor):
         recycling = worker.leaving and code == 0 and worker.killed_for is None
         running = [job for job in jobs if table.states[worker.base + job.seq % RING] == RUNNING]
         culprits = [job for job in running if not job.fut.done()]  # not cancelled meanwhile
+        for job in jobs:  # a failed handle the caller keeps must not keep the dead worker
+            job.worker = job.batch = None  # (its process object holds a descriptor)
         for job in culprits:
             self._fail(job, self._memory_error(job, worker.pid) if job.doom == "memory"
                        else self._crash_error(job, worker.pid, code))

@@ -314,6 +314,13 @@ class Worker:
         self._sending = None
         self._out.clear()
         self.sock.close()
+        # a handle kept by the caller may hold this object (through its error's traceback):
+        # let it hold no descriptor and no buffer
+        self._scratch_view.release()
+        self._scratch = bytearray()
+        self._scratch_view = memoryview(self._scratch)
+        self._buf = bytearray()
+        self._big = None
 
     def __repr__(self) -> str:
         state = ("alive" if self.alive else describe_exit(self.exitcode)

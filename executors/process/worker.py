@@ -208,7 +208,6 @@ def worker_main(sock: socket.socket, table_path: str, nslots: int, base: int, ri
             name, fn, args, kwargs = calls[i]
             calls[i] = None
             outcome = run_call(name, fn, args, kwargs, large, keep)
-            del fn, args, kwargs  # an out-of-band argument unmaps once its call is over
             extra = b""
             if large:  # the result's large buffers go out of band too
                 extra, outcome = _write_out(large, directory, name, outcome)
@@ -220,6 +219,9 @@ def worker_main(sock: socket.socket, table_path: str, nslots: int, base: int, ri
                 send(head + extra)
                 send(outcome)
             states[slot] = FINISHED
+            # the arguments go only now (an out-of-band one unmaps): a __del__ that kills this
+            # worker cannot lose a result that was computed, as in loky
+            del fn, args, kwargs
             done += 1
             if _should_leave(done, max_tasks, max_memory, elapsed, checked):
                 send(FRAME.pack(BYE, number, 0, 0, 0, 0.0))
