@@ -91,10 +91,18 @@ def _dumps(obj: object) -> bytes:
 # -- parent side: the call ------------------------------------------------------------------
 
 
-def dumps_call(call: PreparedCall) -> bytes:
-    """Cloudpickle ``call`` for :func:`run_pickled`; an unpicklable part is a SerializationError."""
+def dumps_call(call: PreparedCall, parts: tuple[Any, ...] | None = None,
+               buffer_callback: Callable[[pickle.PickleBuffer], bool] | None = None) -> bytes:
+    """Cloudpickle ``call`` for :func:`run_pickled`; an unpicklable part is a SerializationError.
+    ``parts`` replaces ``(fn, args, kwargs)``; ``buffer_callback`` may keep buffers out of band
+    (``shm.dumps_call_out``)."""
     try:
-        return _name(call) + _dumps((call.fn, call.args, call.kwargs))
+        if parts is None and buffer_callback is None:
+            return _name(call) + _dumps((call.fn, call.args, call.kwargs))
+        data: bytes = cloudpickle.dumps(
+            (call.fn, call.args, call.kwargs) if parts is None else parts,
+            protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=buffer_callback)
+        return _name(call) + data
     except BaseException as exc:  # a __reduce__ may raise anything, sys.exit() included
         raise unpicklable_call(call, exc) from exc
 
@@ -191,16 +199,18 @@ def run_pickled(payload: bytes) -> bytes:
     return run_call(state_name, *loaded)
 
 
-def _loads_call(payload: bytes) -> tuple[str, tuple[Any, ...] | bytes]:
+def _loads_call(payload: bytes,
+                buffers: list[memoryview] | None = None) -> tuple[str, tuple[Any, ...] | bytes]:
     """``(state name, (fn, args, kwargs))``, or ``(state name, pickled error)`` when the call
-    cannot be unpickled here (the name is read first, so the error names the state)."""
+    cannot be unpickled here (the name is read first, so the error names the state).
+    ``buffers``: the call's out-of-band buffers (``shm.dumps_call_out``)."""
     import io
 
     stream = io.BytesIO(payload)
     state_name = "?"
     try:
         state_name = pickle.load(stream)
-        fn, args, kwargs = pickle.load(stream)
+        fn, args, kwargs = pickle.load(stream, buffers=buffers)
     except BaseException as exc:  # a __reduce__ may raise anything, sys.exit() included
         return state_name, dumps_error(state_name, unloadable_call(state_name, exc))
     # (an Exception keeps its type, as the function's own would)
@@ -243,32 +253,35 @@ def run_call(state_name: str, fn: Callable[..., Any], args: tuple[Any, ...],
     return dumps_result(state_name, result, buffers, keep_out)
 
 
-async def run_pickled_async(payload: bytes) -> bytes:
-    """:func:`run_pickled` for a worker that already runs an event loop: awaits a coroutine."""
+async def run_pickled_async(payload: bytes, buffers: list[memoryview] | None = None,
+                            large: list[pickle.PickleBuffer] | None = None,
+                            keep_out: Callable[[pickle.PickleBuffer], bool] | None = None
+                            ) -> bytes:
+    """:func:`run_pickled` for a worker that already runs an event loop: awaits a coroutine.
+    ``buffers``: the call's out-of-band buffers; ``large`` and ``keep_out``: see
+    :func:`dumps_result`."""
     import asyncio
 
-    state_name, loaded = _loads_call(payload)
+    state_name, loaded = _loads_call(payload, buffers)
+    del buffers
     if isinstance(loaded, bytes):
         return loaded
     try:
         fn, args, kwargs = loaded
         del loaded
         result = fn(*args, **kwargs)
+        del fn, args, kwargs  # an out-of-band argument unmaps once its call is over
         if inspect.isawaitable(result):
             result = await result
     except asyncio.CancelledError:
         raise
     except BaseException as exc:
         return _dumps_error(state_name, exc)
-    return _dumps_result(state_name, result)
+    return dumps_result(state_name, result, large, keep_out)
 
 
 async def _await(awaitable: Any) -> Any:
     return await awaitable
-
-
-def _dumps_result(state_name: str, result: object) -> bytes:
-    return dumps_result(state_name, result)
 
 
 def dumps_result(state_name: str, result: object,

@@ -1,4 +1,5 @@
-"""Pickling for the ``"process"`` executor, large buffers out of band, both ways.
+"""Pickling for the ``"process"`` and ``"aioprocess"`` executors, large buffers out of band,
+both ways.
 
 A batch of calls is cloudpickled in one go (the function and what the calls share are pickled
 once). Any buffer of at least ``OOB_MIN`` bytes that offers pickle protocol 5 out-of-band
@@ -27,10 +28,10 @@ from typing import Any
 import cloudpickle
 
 from ..base import PreparedCall
-from .remote import INLINE_DUMPS_LIMIT, dumps_call
+from .remote import INLINE_DUMPS_LIMIT, dumps_call, dumps_error, loads_outcome
 
-__all__ = ["OOB_MIN", "Packed", "keep_out", "map_buffers", "meta_path", "pack", "release",
-           "write_buffers"]
+__all__ = ["OOB_MIN", "Packed", "dumps_call_out", "keep_out", "load_outcome", "map_buffers",
+           "meta_path", "pack", "release", "write_buffers", "write_out"]
 
 OOB_MIN = 1 << 20  # a buffer this large leaves the pickle stream
 _ALIGN = 64
@@ -150,6 +151,42 @@ def _pack(items: list[Any], inline: bool) -> Packed:
     cloudpickle.Pickler(sink, protocol=5, buffer_callback=keep_out(buffers)).dump(items)
     body = b"".join(sink.parts) if inline else sink.getvalue()
     return Packed(body, buffers)
+
+
+def dumps_call_out(call: PreparedCall, directory: str) -> tuple[bytes, bytes]:
+    """One call as :func:`remote.dumps_call` pickles it, its large buffers (arrays,
+    ``bytearray``, ``bytes``) written into a file of ``directory``: ``(meta, payload)``, ``meta``
+    empty when there were none. Blocking: never on the event loop thread."""
+    buffers: list[pickle.PickleBuffer] = []
+    _, fn, args, kwargs = _item(call)
+    payload = dumps_call(call, (fn, args, kwargs), keep_out(buffers))
+    return (write_buffers(buffers, directory) if buffers else b""), payload
+
+
+def write_out(buffers: list[pickle.PickleBuffer], directory: str, name: str,
+              outcome: bytes) -> tuple[bytes, bytes]:
+    """In a worker: write a result's large buffers into a file of ``directory``:
+    ``(meta, outcome)``; a failure to write (no room left, say) fails the call with that."""
+    try:
+        meta = write_buffers(buffers, directory)
+    except BaseException as exc:
+        return b"", dumps_error(name, exc)
+    finally:
+        buffers.clear()
+    return meta, outcome
+
+
+def load_outcome(body: bytes | bytearray | memoryview, meta_len: int, state_name: str) -> Any:
+    """The result (or raise the exception) of an outcome whose first ``meta_len`` bytes name
+    its file of out-of-band buffers (none when 0); that file is removed once mapped."""
+    if not meta_len:
+        return loads_outcome(body, None, state_name)
+    meta = body[:meta_len]
+    try:
+        buffers = map_buffers(meta)
+    finally:
+        release(meta_path(meta))
+    return loads_outcome(memoryview(body)[meta_len:], buffers, state_name)
 
 
 def write_buffers(buffers: Sequence[pickle.PickleBuffer], directory: str) -> bytes:

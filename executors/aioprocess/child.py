@@ -5,6 +5,11 @@ Parent and child talk over one socketpair. A frame is a header ``(kind, task id,
 sends ``READY`` once (its PID as the id), then ``DONE`` (a pickled outcome) or ``CANCELLED`` (the
 task ended on a cancellation) for each ``RUN``. End of file from the parent means stop.
 
+Large buffers (numpy arrays, ``bytes``, ``bytearray`` of ``shm.OOB_MIN`` bytes or more) travel
+out of band as on ``"process"`` (``_wire.shm``): written into a file of the executor's private
+directory, which the other side maps copy-on-write. ``RUN_OOB`` and ``DONE_OOB`` frames carry
+``meta`` (naming that file) ahead of the payload: ``(meta length: u32, meta, payload)``.
+
 The child is aiomultiprocess's ``Process`` (its start method, event loop set-up, ``initializer``
 and ``loop_initializer``) running :func:`child_main`, a module-level coroutine: cloudpickled bytes
 travel through it, so lambdas and closures work where aiomultiprocess's plain pickle hangs.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import pickle
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -24,17 +30,20 @@ import aiomultiprocess
 from aiomultiprocess.core import get_context
 from aiomultiprocess.types import Unit
 
-from .._wire import lifeline
-from .._wire.remote import run_pickled_async
+from .._wire import lifeline, shm
+from .._wire.remote import dumps_error, run_pickled_async
 from .._wire.threads import apply_loaded, set_here
 
 __all__ = [
     "CANCEL",
     "CANCELLED",
     "DONE",
+    "DONE_OOB",
     "HEADER",
+    "META",
     "READY",
     "RUN",
+    "RUN_OOB",
     "ChildProcess",
     "child_init",
     "child_main",
@@ -42,7 +51,8 @@ __all__ = [
 ]
 
 HEADER = struct.Struct("!BQQ")
-RUN, CANCEL, READY, DONE, CANCELLED = 1, 2, 3, 4, 5
+RUN, CANCEL, READY, DONE, CANCELLED, RUN_OOB, DONE_OOB = 1, 2, 3, 4, 5, 6, 7
+META = struct.Struct("!I")  # the meta length at the head of a RUN_OOB / DONE_OOB body
 
 
 def frame(kind: int, tid: int, body: bytes = b"") -> bytes:
@@ -66,10 +76,11 @@ class ChildProcess(aiomultiprocess.Process):  # type: ignore[misc]
         initargs: Sequence[Any] = (),
         loop_initializer: Callable[..., asyncio.AbstractEventLoop] | None = None,
         env: dict[str, str] | None = None,
+        directory: str = "",
     ) -> None:
         self.unit = Unit(
             target=child_main,
-            args=(sock, os.getpid()),
+            args=(sock, os.getpid(), directory),
             kwargs={},
             namespace=None,
             initializer=child_init,
@@ -94,14 +105,16 @@ def child_init(env: dict[str, str], initializer: Callable[..., None] | None,
             apply_loaded()
 
 
-async def child_main(sock: socket.socket, parent: int | None = None) -> None:
-    """Run every ``RUN`` frame as a task of this loop until the parent closes the socket."""
+async def child_main(sock: socket.socket, parent: int | None = None,
+                     directory: str = "") -> None:
+    """Run every ``RUN`` frame as a task of this loop until the parent closes the socket;
+    ``directory``: where out-of-band buffers go (none when empty)."""
     if parent is not None:
         lifeline.arm(parent)  # never outlive the parent (nor what our states start)
     reader, writer = await asyncio.open_connection(sock=sock)
     writer.write(frame(READY, os.getpid()))
     outbox = _Outbox(writer)
-    tasks: dict[int, asyncio.Task[bytes]] = {}
+    tasks: dict[int, asyncio.Task[tuple[int, bytes]]] = {}
     try:
         while True:
             try:
@@ -109,8 +122,8 @@ async def child_main(sock: socket.socket, parent: int | None = None) -> None:
                 body = await reader.readexactly(size) if size else b""
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
-            if kind == RUN:
-                task = asyncio.create_task(run_pickled_async(body))
+            if kind in (RUN, RUN_OOB):
+                task = asyncio.create_task(_run(body, kind == RUN_OOB, directory))
                 tasks[tid] = task
                 task.add_done_callback(functools.partial(_report, outbox, tasks, tid))
             elif kind == CANCEL and tid in tasks:
@@ -124,13 +137,35 @@ async def child_main(sock: socket.socket, parent: int | None = None) -> None:
         writer.close()
 
 
-def _report(outbox: _Outbox, tasks: dict[int, asyncio.Task[bytes]], tid: int,
-            task: asyncio.Task[bytes]) -> None:
+async def _run(body: bytes, oob: bool, directory: str) -> tuple[int, bytes]:
+    """One call: ``(DONE, outcome)``, or ``(DONE_OOB, meta length + meta + outcome)`` when the
+    result's large buffers went into a file of ``directory``."""
+    buffers = None
+    if oob:
+        size = META.unpack_from(body)[0]
+        meta, body = body[META.size:META.size + size], body[META.size + size:]
+        try:
+            buffers = shm.map_buffers(meta)
+        except BaseException as exc:  # its file is gone: the parent gave up on the call
+            return DONE, dumps_error("?", exc)
+    if not directory:
+        return DONE, await run_pickled_async(body, buffers)
+    large: list[pickle.PickleBuffer] = []
+    outcome = await run_pickled_async(body, buffers, large, shm.keep_out(large))
+    if not large:
+        return DONE, outcome
+    meta, outcome = shm.write_out(large, directory, pickle.loads(body), outcome)
+    return (DONE_OOB, META.pack(len(meta)) + meta + outcome) if meta else (DONE, outcome)
+
+
+def _report(outbox: _Outbox, tasks: dict[int, asyncio.Task[tuple[int, bytes]]], tid: int,
+            task: asyncio.Task[tuple[int, bytes]]) -> None:
     tasks.pop(tid, None)
     if task.cancelled():
         outbox.send(frame(CANCELLED, tid))
     else:
-        outbox.send(frame(DONE, tid, task.result()))
+        kind, body = task.result()
+        outbox.send(frame(kind, tid, body))
 
 
 class _Outbox:

@@ -23,15 +23,18 @@ import asyncio
 import enum
 import itertools
 import logging
+import shutil
+import tempfile
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from statepool.engine.errors import WorkerCrashedError
 
-from .._wire import threads
+from .._wire import shm, threads
 from .._wire.remote import OffLoop, dumps_call_small
 from ..base import Executor, PreparedCall
-from .child import CANCEL, CANCELLED, DONE, RUN, frame
+from .child import CANCEL, CANCELLED, DONE, DONE_OOB, META, RUN_OOB, frame
 from .line import SlotLine
 from .worker import ChildHandle, Job, crash_error, describe_exit
 
@@ -104,6 +107,8 @@ class AioProcessExecutor(Executor):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pickler = OffLoop("statepool-aioprocess-pickle")
         self._watch_timer: asyncio.TimerHandle | None = None
+        self._dir: str | None = None  # large buffers' files (shm), made on first use
+        self._finalizer: weakref.finalize[Any, Any] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -152,6 +157,7 @@ class AioProcessExecutor(Executor):
             return
         if self._phase is not _Phase.RUNNING:
             self._pickler.close()
+            self._remove_directory()
             return
         self._phase = _Phase.CLOSING
         self._closed = asyncio.get_running_loop().create_future()
@@ -175,6 +181,7 @@ class AioProcessExecutor(Executor):
             self._cancelling = False
             self._spawning = 0  # respawns cancelled before they ran never counted down
             self._pickler.close()
+            self._remove_directory()
             self._phase = _Phase.IDLE
             self._closed.set_result(None)
             self._closed = None
@@ -210,6 +217,19 @@ class AioProcessExecutor(Executor):
         await asyncio.gather(*(child.wait_closed(_STOP_TIMEOUT_S) for child in children))
         self._children.clear()
 
+    def _directory(self) -> str:
+        """The private temporary directory of the large buffers' files (made on first use,
+        removed at shutdown)."""
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="statepool-aioprocess-")
+            self._finalizer = weakref.finalize(self, shutil.rmtree, self._dir, True)
+        return self._dir
+
+    def _remove_directory(self) -> None:
+        finalizer, self._finalizer, self._dir = self._finalizer, None, None
+        if finalizer is not None:
+            finalizer()
+
     def worker_pids(self) -> list[int]:
         return [child.pid for child in self._children if child.alive]
 
@@ -223,14 +243,25 @@ class AioProcessExecutor(Executor):
     # -- running a call ------------------------------------------------------------------------
 
     async def run(self, call: PreparedCall) -> Any:
-        payload = dumps_call_small(call)  # a large call is pickled off the loop thread
-        if payload is None:
-            payload = await self._pickler.dumps_call(call)
+        small = dumps_call_small(call)  # a large call is pickled off the loop thread
+        job = Job(next(self._ids), call, b"" if small is None else small)
+        if small is None:  # its large buffers go out of band (shm)
+            meta, payload = await self._pickler.run(shm.dumps_call_out, call, self._directory())
+            if meta:
+                job.kind, job.path = RUN_OOB, shm.meta_path(meta)
+                payload = META.pack(len(meta)) + meta + payload
+            job.payload = payload
+        try:
+            return await self._run(job)
+        finally:
+            shm.release(job.path)  # a child that runs it has mapped it
+
+    async def _run(self, job: Job) -> Any:
+        call = job.call
         if self._phase is _Phase.CLOSING:
             raise RuntimeError(
                 f"state {call.state_name!r}: executor 'aioprocess' is shutting down"
             )
-        job = Job(next(self._ids), call, payload)
         if self._phase is not _Phase.RUNNING or self._loop is not asyncio.get_running_loop():
             await self._start_here(call)
         while True:
@@ -238,7 +269,7 @@ class AioProcessExecutor(Executor):
             future = job.future = asyncio.get_running_loop().create_future()
             job.child = child
             child.in_flight[job.tid] = job
-            child.send(frame(RUN, job.tid, job.payload))
+            child.send(frame(job.kind, job.tid, job.payload))
             call.worker = child.pid
             call.started()
             if self._watch_timer is None:
@@ -251,6 +282,11 @@ class AioProcessExecutor(Executor):
                 raise
             if kind == DONE:
                 return await self._pickler.loads_outcome(body, call.state_name)
+            if kind == DONE_OOB:
+                ok, value = await self._pickler.run(_load_out, body, call.state_name)
+                if ok:
+                    return value
+                raise value
             if kind == CANCELLED:  # the coroutine raised CancelledError itself
                 raise asyncio.CancelledError()
 
@@ -363,12 +399,15 @@ class AioProcessExecutor(Executor):
     def _on_frame(self, child: ChildHandle, kind: int, tid: int, body: bytes) -> None:
         job = child.in_flight.pop(tid, None)
         if job is None:
+            _drop_out(kind, body)
             return
         job.child = None
         if job.killer is not None:
             job.killer.cancel()
         if not job.abandoned and job.future is not None and not job.future.done():
             job.future.set_result((kind, body))
+        else:
+            _drop_out(kind, body)
         self._wake()
 
     def _on_lost(self, child: ChildHandle, code: int | None) -> None:
@@ -429,7 +468,8 @@ class AioProcessExecutor(Executor):
         try:
             child = await ChildHandle.spawn(
                 next(self._index), timeout=self.start_timeout, **self._child_options,
-                env=threads.worker_env(self.inner_threads, self.processes))
+                env=threads.worker_env(self.inner_threads, self.processes),
+                directory=self._directory())
         finally:
             self._spawning -= 1
         self._spawn_error = None
@@ -437,3 +477,21 @@ class AioProcessExecutor(Executor):
             child.kill("the executor shut down")
         self._children.append(child)
         child.serve(self._on_frame, self._on_lost)
+
+
+def _load_out(body: bytes, state_name: str) -> tuple[bool, Any]:
+    """``(True, result)`` or ``(False, exception)`` of a ``DONE_OOB`` body (helper thread)."""
+    try:
+        size = META.unpack_from(body)[0]
+        return True, shm.load_outcome(memoryview(body)[META.size:], size, state_name)
+    except BaseException as exc:
+        if isinstance(exc, StopIteration):  # raised in a coroutine it would end it
+            exc = RuntimeError(f"state {state_name!r} raised StopIteration")
+        return False, exc
+
+
+def _drop_out(kind: int, body: bytes) -> None:
+    """Nobody wants this outcome: the file of its large buffers goes."""
+    if kind == DONE_OOB:
+        size = META.unpack_from(body)[0]
+        shm.release(shm.meta_path(body[META.size:META.size + size]))

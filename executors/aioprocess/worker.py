@@ -19,7 +19,7 @@ from statepool.engine.errors import WorkerCrashedError
 
 from .._wire.lifeline import kill_tree
 from ..base import PreparedCall
-from .child import HEADER, READY, ChildProcess
+from .child import HEADER, READY, RUN, ChildProcess
 
 __all__ = ["ChildHandle", "Job", "crash_error", "describe_exit"]
 
@@ -35,6 +35,8 @@ class Job:
     tid: int
     call: PreparedCall
     payload: bytes
+    kind: int = RUN  # RUN, or RUN_OOB when large buffers went into the file at ``path``
+    path: str | None = None
     future: asyncio.Future[tuple[int, bytes]] | None = None
     child: ChildHandle | None = None
     abandoned: bool = False
@@ -101,12 +103,14 @@ class ChildHandle:
         initargs: Sequence[Any],
         loop_initializer: Callable[..., asyncio.AbstractEventLoop] | None,
         env: dict[str, str] | None = None,
+        directory: str = "",
     ) -> ChildHandle:
         """Start a child and wait for its ``READY`` frame."""
         parent_sock, child_sock = socket.socketpair()
         proc = ChildProcess(child_sock, name=f"statepool-aioprocess-{index}",
                             initializer=initializer, initargs=initargs,
-                            loop_initializer=loop_initializer, env=env)
+                            loop_initializer=loop_initializer, env=env,
+                            directory=directory)
         try:
             proc.start()  # Popen forks and writes the spawn data: about 1 ms
         except BaseException:

@@ -253,16 +253,8 @@ class Dispatch:
 
     @staticmethod
     def _load(body: bytes | bytearray, meta_len: int, state_name: str) -> Any:
-        """The result (or raise the exception) of a ``DONE`` body; a result's file of
-        out-of-band buffers is removed once mapped."""
-        if not meta_len:
-            return loads_outcome(body, None, state_name)
-        meta = body[:meta_len]
-        try:
-            buffers = shm.map_buffers(meta)
-        finally:
-            shm.release(shm.meta_path(meta))
-        return loads_outcome(memoryview(body)[meta_len:], buffers, state_name)
+        """The result (or raise the exception) of a ``DONE`` body (``shm.load_outcome``)."""
+        return shm.load_outcome(body, meta_len, state_name)
 
     def _settle(self, job: Job, body: bytes | bytearray, meta_len: int) -> None:
         try:

@@ -34,7 +34,7 @@ from typing import Any
 
 from .._wire import lifeline
 from .._wire.remote import dumps_error, run_call, unloadable_call
-from .._wire.shm import keep_out, map_buffers, write_buffers
+from .._wire.shm import keep_out, map_buffers, write_out
 from .._wire.threads import apply_loaded
 
 __all__ = [
@@ -210,7 +210,7 @@ def worker_main(sock: socket.socket, table_path: str, nslots: int, base: int, ri
             outcome = run_call(name, fn, args, kwargs, large, keep)
             extra = b""
             if large:  # the result's large buffers go out of band too
-                extra, outcome = _write_out(large, directory, name, outcome)
+                extra, outcome = write_out(large, directory, name, outcome)
             elapsed = time.perf_counter() - began
             head = FRAME.pack(DONE, number, 0, len(extra), len(extra) + len(outcome), elapsed)
             if len(outcome) <= _INLINE_SEND:
@@ -229,18 +229,6 @@ def worker_main(sock: socket.socket, table_path: str, nslots: int, base: int, ri
             if max_memory is not None and time.perf_counter() - checked > _MEMORY_CHECK_S:
                 checked = time.perf_counter()
     sock.close()
-
-
-def _write_out(buffers: list[pickle.PickleBuffer], directory: str, name: str,
-               outcome: bytes) -> tuple[bytes, bytes]:
-    """Write a result's large buffers into a file of ``directory``: ``(meta, outcome)``."""
-    try:
-        meta = write_buffers(buffers, directory)
-    except BaseException as exc:  # no room left, say: the call fails with that
-        return b"", dumps_error(name, exc)
-    finally:
-        buffers.clear()
-    return meta, outcome
 
 
 def _should_leave(done: int, max_tasks: int | None, max_memory: int | None, elapsed: float,
