@@ -15,6 +15,7 @@ from .events import StateEvent
 from .handle import StateHandle, StateStatus
 from .manager import ManagerStats, StateManager
 from .retry import Retry
+from .runmap import run_map
 from .state import State
 from .wrap import wrap_with_tryexcept
 
@@ -33,5 +34,6 @@ __all__ = [
     "StateStatus",
     "StateTimeoutError",
     "WorkerCrashedError",
+    "run_map",
     "wrap_with_tryexcept",
 ]

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from .chunk import map_chunk, map_chunk_async
 from .timings import timings_of, worker_of
 
 if TYPE_CHECKING:
@@ -114,6 +115,8 @@ def note_overhead(handle: StateHandle, ran: float, cost: float) -> None:
     if ran >= cost * OVERHEAD_FRACTION:
         return
     state = handle.state
+    if state.func is map_chunk or state.func is map_chunk_async:
+        return  # manager.map sizes its own chunks (its first calls carry one item each)
     cheap = handle._books.cheap
     count = cheap.get(state.func_name, 0) + 1
     if count > OVERHEAD_CALLS:

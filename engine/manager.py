@@ -9,7 +9,15 @@ import functools
 import logging
 import sys
 import threading
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import Any, ClassVar
 
@@ -24,6 +32,7 @@ from .fastpath import FastPaths, logged_already
 from .handle import SharedContext, StateHandle, StateStatus
 from .idle import IdleWatch
 from .log import log_enter, log_exit, log_failure, log_retry, logger, state_extra
+from .pipeline import Mapper
 from .queue import StateQueue
 from .slots import TagSlots, check_limits
 from .state import State
@@ -219,6 +228,35 @@ class StateManager(FastPaths, EventSource, Waiting):
         if not self._books.serving:
             self._books.idle.watch(None, "join() waits")
         await fut
+
+    def map(self, func: Callable[[Any], Any], iterable: Iterable[Any] | AsyncIterable[Any], *,
+            executor: str | Executor | None = None, ordered: bool = True,
+            window: int | None = None, chunksize: int | None = None,
+            return_exceptions: bool = False, name: str | None = None,
+            **state_options: Any) -> AsyncIterator[Any]:
+        """``func(item)`` for every item of a sync or async iterable, as blocking states side by
+        side; yields the results in input order (``ordered``) or as they complete.
+
+        The input is read lazily: at most ``window`` items are put, running or waiting to be
+        yielded at once (default: a few calls per worker). ``chunksize`` items travel and run as
+        one call (``None``: automatic, from the run times measured in the workers); each item
+        keeps its own result, error and retries. The first failure raises and cancels what is
+        pending, unless ``return_exceptions=True`` (the exception is yielded in its place);
+        leaving the loop early cancels what is pending. ``state_options`` are State's
+        (``timeout``, ``retries``, ``tags``, ``priority``...). Details: engine/pipeline.py.
+        """
+        return self._mapper(func, iterable, executor=executor, ordered=ordered, window=window,
+                            chunksize=chunksize, return_exceptions=return_exceptions, name=name,
+                            **state_options).results()
+
+    def _mapper(self, func: Callable[[Any], Any], iterable: Any, *,
+                executor: str | Executor | None = None, ordered: bool = True,
+                window: int | None = None, chunksize: int | None = None,
+                return_exceptions: bool = False, name: str | None = None,
+                **state_options: Any) -> Mapper:
+        return Mapper(self, func, iterable, executor=executor, ordered=ordered, window=window,
+                      chunksize=chunksize, return_exceptions=return_exceptions, name=name,
+                      options=state_options)
 
     # -- the main loop -----------------------------------------------------------------------
 

@@ -208,6 +208,7 @@ class ThreadExecutor(Executor):
                 continue
             on_done = item.on_done
             if on_done is not None:
+                item.on_done = None  # the handle holds its item: no cycle left for the GC
                 on_done(kind == _OK, value)
                 continue
             fut = item.fut
