@@ -155,6 +155,11 @@ class Executor(abc.ABC):
         from it, and the engine warns when states that could run side by side wait in line."""
         return None
 
+    async def worker_stack(self, call: PreparedCall) -> str | None:
+        """The current Python stack of the worker running ``call``, where the backend can
+        take it without stopping the work (``warn_after``); ``None`` where it cannot."""
+        return None
+
     def worker_pids(self) -> list[int]:
         """PIDs of the worker processes this executor holds now (none for in-process ones)."""
         return []

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import cloudpickle
 
 from ..base import PreparedCall
+from .logrelay import STATE
 
 if TYPE_CHECKING:
     from statepool.engine.errors import WorkerCrashedError
@@ -242,6 +243,7 @@ def run_call(state_name: str, fn: Callable[..., Any], args: tuple[Any, ...],
     """``fn(*args, **kwargs)`` here (an awaitable result is run under its own ``asyncio.run``),
     answered as the pickled outcome for :func:`loads_outcome`. Never raises. ``buffers`` and
     ``keep_out``: see :func:`dumps_result`."""
+    token = STATE.set(state_name)  # the worker's log records name the state (logrelay)
     try:
         result = fn(*args, **kwargs)
         if inspect.isawaitable(result):
@@ -250,6 +252,8 @@ def run_call(state_name: str, fn: Callable[..., Any], args: tuple[Any, ...],
             result = asyncio.run(_await(result))
     except BaseException as exc:
         return _dumps_error(state_name, exc)
+    finally:
+        STATE.reset(token)
     return dumps_result(state_name, result, buffers, keep_out)
 
 
@@ -266,6 +270,7 @@ async def run_pickled_async(payload: bytes, buffers: list[memoryview] | None = N
     del buffers
     if isinstance(loaded, bytes):
         return loaded
+    STATE.set(state_name)  # in this call's own task: its log records name the state
     try:
         fn, args, kwargs = loaded
         del loaded

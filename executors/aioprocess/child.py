@@ -30,7 +30,7 @@ import aiomultiprocess
 from aiomultiprocess.core import get_context
 from aiomultiprocess.types import Unit
 
-from .._wire import lifeline, shm
+from .._wire import faults, lifeline, logrelay, shm
 from .._wire.remote import dumps_error, run_pickled_async
 from .._wire.threads import apply_loaded, set_here
 
@@ -77,11 +77,12 @@ class ChildProcess(aiomultiprocess.Process):  # type: ignore[misc]
         loop_initializer: Callable[..., asyncio.AbstractEventLoop] | None = None,
         env: dict[str, str] | None = None,
         directory: str = "",
+        observe: dict[str, Any] | None = None,
     ) -> None:
         self.unit = Unit(
             target=child_main,
             args=(sock, os.getpid(), directory),
-            kwargs={},
+            kwargs={"observe": observe},
             namespace=None,
             initializer=child_init,
             initargs=(env or {}, initializer, tuple(initargs)),
@@ -106,11 +107,15 @@ def child_init(env: dict[str, str], initializer: Callable[..., None] | None,
 
 
 async def child_main(sock: socket.socket, parent: int | None = None,
-                     directory: str = "") -> None:
+                     directory: str = "", observe: dict[str, Any] | None = None) -> None:
     """Run every ``RUN`` frame as a task of this loop until the parent closes the socket;
-    ``directory``: where out-of-band buffers go (none when empty)."""
+    ``directory``: where out-of-band buffers go (none when empty); ``observe``: the log relay
+    and faulthandler's file (_wire/logrelay.py, _wire/faults.py)."""
     if parent is not None:
         lifeline.arm(parent)  # never outlive the parent (nor what our states start)
+    if observe:  # the parent's log relay and faulthandler's file
+        logrelay.install(observe.get("log"))
+        faults.install(observe.get("faults"))
     reader, writer = await asyncio.open_connection(sock=sock)
     writer.write(frame(READY, os.getpid()))
     outbox = _Outbox(writer)

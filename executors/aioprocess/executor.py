@@ -31,7 +31,7 @@ from typing import Any
 
 from statepool.engine.errors import WorkerCrashedError
 
-from .._wire import shm, threads
+from .._wire import faults, logrelay, shm, threads
 from .._wire.remote import OffLoop, dumps_call_small
 from ..base import Executor, PreparedCall
 from .child import CANCEL, CANCELLED, DONE, DONE_OOB, META, RUN_OOB, frame
@@ -109,6 +109,8 @@ class AioProcessExecutor(Executor):
         self._watch_timer: asyncio.TimerHandle | None = None
         self._dir: str | None = None  # large buffers' files (shm), made on first use
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._relay: logrelay.Relay | None = None
+        self._faults: str | None = None  # faulthandler's files (_wire/faults.py)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -122,6 +124,9 @@ class AioProcessExecutor(Executor):
             self._phase = _Phase.STARTING
             self._loop = asyncio.get_running_loop()
             self._started = self._loop.create_future()
+            self._close_observers()
+            self._relay = logrelay.Relay(self._loop)  # the children's log records, here
+            self._faults = tempfile.mkdtemp(prefix="statepool-aioprocess-")
             try:
                 outcomes = await asyncio.gather(
                     *(self._counted_spawn() for _ in range(self.processes)),
@@ -135,6 +140,7 @@ class AioProcessExecutor(Executor):
                 self._started.exception()  # retrieved: a later start() tries again
                 self._started = None
                 await self._stop_children(graceful=False)
+                self._close_observers()
                 self._phase = _Phase.IDLE
                 raise
             self._phase = _Phase.RUNNING
@@ -178,6 +184,7 @@ class AioProcessExecutor(Executor):
                 self._watch_timer.cancel()
                 self._watch_timer = None
             self._started, self._spawn_error, self._loop = None, None, None
+            self._close_observers()
             self._cancelling = False
             self._spawning = 0  # respawns cancelled before they ran never counted down
             self._pickler.close()
@@ -195,6 +202,24 @@ class AioProcessExecutor(Executor):
             child.check()
         if self._loop is not None and any(child.in_flight for child in self._children):
             self._watch_timer = self._loop.call_later(_LIVENESS_S, self._tick)
+    def _observe(self) -> dict[str, Any]:
+        return {"log": self._relay.config() if self._relay is not None else None,
+                "faults": self._faults}
+
+    def _close_observers(self) -> None:
+        if self._relay is not None:
+            self._relay.close()
+            self._relay = None
+        if self._faults is not None:
+            shutil.rmtree(self._faults, ignore_errors=True)
+            self._faults = None
+
+    async def worker_stack(self, call: PreparedCall) -> str | None:
+        """The current Python stack of the child running ``call`` (faulthandler; it runs on)."""
+        pid = call.worker
+        if not isinstance(pid, int) or pid not in self.worker_pids():
+            return None
+        return await faults.stack(self._faults, pid) or None
 
     def _cancel_everything(self) -> None:
         """Cancel the calls waiting in line and those in the children (which are killed)."""
@@ -411,6 +436,9 @@ class AioProcessExecutor(Executor):
         self._wake()
 
     def _on_lost(self, child: ChildHandle, code: int | None) -> None:
+        if self._relay is not None:
+            self._relay.drain()  # what it logged before it died comes first
+        fault = faults.describe(self._faults, child.pid)
         if child in self._children:
             self._children.remove(child)
         jobs = list(child.in_flight.values())
@@ -432,7 +460,7 @@ class AioProcessExecutor(Executor):
                 job.reruns += 1
                 job.future.set_result((_RERUN, b""))
             else:
-                job.future.set_exception(crash_error(job, child, code, names))
+                job.future.set_exception(crash_error(job, child, code, names, fault))
         if self._phase is _Phase.RUNNING:
             self._top_up()
         self._wake()
@@ -469,7 +497,7 @@ class AioProcessExecutor(Executor):
             child = await ChildHandle.spawn(
                 next(self._index), timeout=self.start_timeout, **self._child_options,
                 env=threads.worker_env(self.inner_threads, self.processes),
-                directory=self._directory())
+                directory=self._directory(), observe=self._observe())
         finally:
             self._spawning -= 1
         self._spawn_error = None

@@ -57,7 +57,7 @@ def describe_exit(code: int | None) -> str:
 
 
 def crash_error(job: Job, child: ChildHandle, code: int | None,
-                names: list[str]) -> WorkerCrashedError:
+                names: list[str], fault: str = "") -> WorkerCrashedError:
     """The error of a call whose child died; ``names``: the states the child held."""
     name = job.call.state_name
     message = (f"state {name!r} ({job.call.func_name}) failed: its aioprocess child "
@@ -68,6 +68,7 @@ def crash_error(job: Job, child: ChildHandle, code: int | None,
     if others:
         message += (f"; it also ran {', '.join(map(repr, others))}, which failed with it: "
                     "any of them may have caused it")
+    message += fault  # a segfault's Python traceback (faulthandler)
     return WorkerCrashedError(message, state_name=name, exitcode=code)
 
 
@@ -104,13 +105,15 @@ class ChildHandle:
         loop_initializer: Callable[..., asyncio.AbstractEventLoop] | None,
         env: dict[str, str] | None = None,
         directory: str = "",
+        observe: dict[str, Any] | None = None,
     ) -> ChildHandle:
-        """Start a child and wait for its ``READY`` frame."""
+        """Start a child and wait for its ``READY`` frame. ``observe``: the log relay's config
+        and faulthandler's directory (_wire/logrelay.py, _wire/faults.py)."""
         parent_sock, child_sock = socket.socketpair()
         proc = ChildProcess(child_sock, name=f"statepool-aioprocess-{index}",
                             initializer=initializer, initargs=initargs,
                             loop_initializer=loop_initializer, env=env,
-                            directory=directory)
+                            directory=directory, observe=observe)
         try:
             proc.start()  # Popen forks and writes the spawn data: about 1 ms
         except BaseException:

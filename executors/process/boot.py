@@ -18,7 +18,7 @@ RUN_NAME = "__statepool_worker__"
 # the modules a worker imports, relative to executors/ (compile_ahead compiles them)
 _WORKER_MODULES = ("__init__", "base", "process/__init__", "process/worker",
                    "_wire/__init__", "_wire/lifeline", "_wire/remote", "_wire/shm",
-                   "_wire/threads")
+                   "_wire/threads", "_wire/logrelay", "_wire/faults")
 
 
 def compile_ahead(prefix: str) -> None:
@@ -42,6 +42,11 @@ def compile_ahead(prefix: str) -> None:
 if __name__ == RUN_NAME:
     if globals().get("PYCACHE"):
         sys.pycache_prefix = globals()["PYCACHE"]  # see compile_ahead
+    if globals().get("OBSERVE"):  # the parent's log relay and faulthandler's file
+        from statepool.executors._wire import faults, logrelay
+
+        logrelay.install(globals()["OBSERVE"].get("log"))
+        faults.install(globals()["OBSERVE"].get("faults"))
     from statepool.executors.process.worker import worker_main
 
     worker_main(*globals()["ARGS"])

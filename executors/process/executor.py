@@ -44,7 +44,7 @@ import psutil
 
 from statepool.engine.errors import WorkerCrashedError
 
-from .._wire import lifeline, shm, threads
+from .._wire import faults, lifeline, logrelay, shm, threads
 from ..base import Executor, PreparedCall
 from . import boot
 from .batch import Job
@@ -110,6 +110,7 @@ class LokyExecutor(Dispatch, Executor):
         self._env: dict[str, str] = {}  # added to each worker's environment (threads)
         self._procs: dict[int, Any] = {}  # pid -> process, for the finalizer
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._relay: logrelay.Relay | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -122,6 +123,7 @@ class LokyExecutor(Dispatch, Executor):
             self._finalizer = weakref.finalize(self, _cleanup, self._procs, self._dir)
             self._table = SlotTable.create(self.max_workers * RING, self._dir)
             self._env = threads.worker_env(self.inner_threads, self.max_workers)
+            self._relay = logrelay.Relay(loop)  # the workers' log records, in this process
             self._ready = loop.create_future()
             self._phase = Phase.OPEN
             if sys.dont_write_bytecode:  # workers would compile their modules: do it once
@@ -159,7 +161,8 @@ class LokyExecutor(Dispatch, Executor):
         assert self._loop is not None and self._helper is not None and self._table is not None
         fut = self._loop.run_in_executor(
             self._helper, Worker.spawn, index, index * RING, RING, self._table,
-            self.max_tasks_per_worker, self.max_memory, self._pycache, self._env)
+            self.max_tasks_per_worker, self.max_memory, self._pycache, self._env,
+            {"log": self._relay.config() if self._relay else None, "faults": self._dir})
         self._spawning[index] = fut
         fut.add_done_callback(functools.partial(self._spawned, index))
 
@@ -230,6 +233,9 @@ class LokyExecutor(Dispatch, Executor):
         await loop.run_in_executor(self._helper, _nothing)
         self._helper.shutdown(wait=True)
         self._table.close()
+        if self._relay is not None:
+            self._relay.close()
+            self._relay = None
         if self._finalizer is not None:
             self._finalizer()  # removes the temporary directory
 
@@ -291,6 +297,8 @@ class LokyExecutor(Dispatch, Executor):
         """A worker is gone: blame the call it was running, keep what it finished, send the
         calls it had not started to another worker, and start a new one."""
         self._procs.pop(worker.pid, None)
+        if self._relay is not None:
+            self._relay.drain()  # what it logged before it died comes first
         if self._workers[worker.index] is worker:
             self._workers[worker.index] = None
         code = worker.exitcode if worker.exitcode is not None else -9
@@ -308,9 +316,10 @@ class LokyExecutor(Dispatch, Executor):
         culprits = [job for job in running if not job.fut.done()]  # not cancelled meanwhile
         for job in jobs:  # a failed handle the caller keeps must not keep the dead worker
             job.worker = job.batch = None  # (its process object holds a descriptor)
+        fault = faults.describe(self._dir, worker.pid)  # a segfault's Python traceback
         for job in culprits:
             self._fail(job, self._memory_error(job, worker.pid) if job.doom == "memory"
-                       else self._crash_error(job, worker.pid, code))
+                       else self._crash_error(job, worker.pid, code, fault))
         unstarted = [job for job in jobs if job not in running and not job.fut.done()]
         blameless = not running and not recycling  # it died between calls, or as it loaded
         if blameless:  # each goes alone next time, and only a few times
@@ -348,11 +357,11 @@ class LokyExecutor(Dispatch, Executor):
             or "no state", others)
 
     @staticmethod
-    def _crash_error(job: Job, pid: int, exitcode: int) -> WorkerCrashedError:
+    def _crash_error(job: Job, pid: int, exitcode: int, fault: str = "") -> WorkerCrashedError:
         call = job.call
         return WorkerCrashedError(
             f"state {call.state_name!r} ({call.func_name}) crashed its worker process {pid}: "
-            f"{describe_exit(exitcode)}", state_name=call.state_name, exitcode=exitcode)
+            f"{describe_exit(exitcode)}{fault}", state_name=call.state_name, exitcode=exitcode)
 
     @staticmethod
     def _lost_error(job: Job, pid: int, exitcode: int) -> WorkerCrashedError:
@@ -412,6 +421,13 @@ class LokyExecutor(Dispatch, Executor):
 
     def capacity(self) -> int:
         return self.max_workers
+
+    async def worker_stack(self, call: PreparedCall) -> str | None:
+        """The current Python stack of the worker running ``call`` (faulthandler; it runs on)."""
+        pid = call.worker
+        if not isinstance(pid, int) or pid not in self._procs:
+            return None
+        return await faults.stack(self._dir, pid) or None
 
     def worker_pids(self) -> list[int]:
         return [w.pid for w in self._workers if w is not None and w.alive]

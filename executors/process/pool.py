@@ -87,15 +87,17 @@ class Worker:
     @classmethod
     def spawn(cls, index: int, base: int, ring: int, table: SlotTable,
               max_tasks: int | None, max_memory: int | None,
-              pycache: str | None = None, env: dict[str, str] | None = None) -> Worker:
+              pycache: str | None = None, env: dict[str, str] | None = None,
+              observe: dict[str, Any] | None = None) -> Worker:
         """Start a worker process (blocks a few ms: helper thread only); ``env`` is added to
-        its environment (the thread limits of ``_wire.threads``)."""
+        its environment (the thread limits of ``_wire.threads``); ``observe``: the log relay's
+        config and faulthandler's directory (_wire/logrelay.py, _wire/faults.py)."""
         parent, child = socket.socketpair()
         args = (child, table.path, table.nslots, base, ring, max_tasks, max_memory, os.getpid())
         try:
             process = get_context("loky").Process(  # boot runs worker_main(*args)
                 target=runpy.run_path, name=f"statepool-process-{index}", args=(_BOOT,),
-                kwargs={"init_globals": {"ARGS": args, "PYCACHE": pycache},
+                kwargs={"init_globals": {"ARGS": args, "PYCACHE": pycache, "OBSERVE": observe},
                         "run_name": boot.RUN_NAME}, env=env)
             process.start()
         except BaseException:
