@@ -68,7 +68,7 @@ class FastPaths:
         executor name."""
         given = state.executor
         return (state.event is None and not state._has_lazy and state.timeout is None
-                and not state.retries and not state._waits
+                and not state.retries and not state._waits and state.warn_after is None
                 and (given is None or type(given) is str))
 
     def _try_executor_for(self, state: State) -> Executor | None:

@@ -35,6 +35,7 @@ from .log import log_enter, log_exit, log_failure, log_retry, logger, state_extr
 from .pipeline import Mapper
 from .queue import StateQueue
 from .slots import TagSlots, check_limits
+from .stalls import StallWatch, check_seconds
 from .state import State
 from .stats import ManagerStats, snapshot
 from .timings import marks_of
@@ -63,7 +64,8 @@ class StateManager(FastPaths, EventSource, Waiting):
 
     def __init__(self, *, executors: Mapping[str, Executor] | None = None,
                  max_queue: int = 0, shutdown_grace: float = 5.0,
-                 limits: Mapping[str, int | None] | None = None) -> None:
+                 limits: Mapping[str, int | None] | None = None,
+                 warn_after: float | None = None) -> None:
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"StateManager: 'max_queue' must be an int >= 0, got {max_queue!r}")
         if isinstance(shutdown_grace, bool) or not isinstance(shutdown_grace, (int, float)) \
@@ -95,6 +97,8 @@ class StateManager(FastPaths, EventSource, Waiting):
         self._stop_requested = False
         self._stopped = False
         self._stopped_event: asyncio.Event | None = None
+        self.warn_after = check_seconds("StateManager", "warn_after", warn_after)
+        self._stalls = StallWatch(self._books, self.warn_after, self._executor_of)
         self._warned_in_line: set[str] = set()  # functions warned of (see _check_in_line)
 
     # -- the singleton -----------------------------------------------------------------------
@@ -269,6 +273,8 @@ class StateManager(FastPaths, EventSource, Waiting):
         loop = self._bind_loop()
         self._main_task = asyncio.current_task()
         self._books.serving = True
+        if self.warn_after is not None:
+            self._stalls.ensure()  # one WARNING per state running past warn_after
         for configured in self._configured:
             self._spawn(self._prewarm(configured), None)
         try:
@@ -418,6 +424,8 @@ class StateManager(FastPaths, EventSource, Waiting):
         if handle.status is _QUEUED or handle.status is _WAITING:
             handle._set_status(_RUNNING)
         self._books.running.add(handle)
+        if state.warn_after is not None:
+            self._stalls.ensure(state.warn_after)
         first = handle._executor_name is None  # not back from waiting for a retry
         try:
             try:
@@ -529,6 +537,14 @@ class StateManager(FastPaths, EventSource, Waiting):
                              extra=state_extra(handle, handle._executor_name or ""))
             return None
         return policy.wait_after(attempt) if accepted else None
+
+    def _executor_of(self, handle: StateHandle) -> Executor | None:
+        """The executor a running state runs on (for the stall warning's stack)."""
+        given = handle.state.executor
+        if isinstance(given, Executor):
+            return given
+        name = handle._executor_name
+        return self._executors.get(name) if name is not None else None
 
     def _on_start(self, handle: StateHandle, attempt: int) -> None:
         loop = self._loop
@@ -643,6 +659,7 @@ class StateManager(FastPaths, EventSource, Waiting):
             except Exception:
                 logger.exception("executor %r failed to shut down", ex.name)
         self._stopped = True
+        self._stalls.close()
         if self._books.spare_hub is not None:
             self._books.spare_hub.close()  # every events() iterator ends
         self._books.idle.cancel()

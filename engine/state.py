@@ -55,6 +55,7 @@ class State:
         "retries",
         "tags",
         "timeout",
+        "warn_after",
     )
 
     def __init__(
@@ -75,6 +76,7 @@ class State:
         after: Sequence[StateHandle] = _NONE,
         tags: Sequence[str] = _NONE,
         priority: int = 0,
+        warn_after: float | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"State name must be a non-empty str, got {name!r}")
@@ -97,6 +99,7 @@ class State:
         else:
             self.event = self._gate(event, event_to_wait)
         self.timeout = None if timeout is None else self._timeout(timeout)
+        self.warn_after = None if warn_after is None else self._timeout(warn_after, "warn_after")
         if type(retries) is int and retries >= 0:  # the common case first
             self._retry: Retry | None = None
             self.retries = retries
@@ -214,16 +217,16 @@ class State:
             return deps
         return tuple(dict.fromkeys((*deps, *found)))
 
-    def _timeout(self, timeout: Any) -> float:
+    def _timeout(self, timeout: Any, field: str = "timeout") -> float:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            raise TypeError(self._field("timeout", "must be a number of seconds", timeout))
+            raise TypeError(self._field(field, "must be a number of seconds", timeout))
         try:
             seconds = float(timeout)
         except OverflowError:  # an int past float's range (10**400)
-            raise ValueError(self._field("timeout", "must be finite seconds > 0", timeout)) \
+            raise ValueError(self._field(field, "must be finite seconds > 0", timeout)) \
                 from None
         if not (seconds > 0 and math.isfinite(seconds)):  # nan, inf, <= 0
-            raise ValueError(self._field("timeout", "must be finite seconds > 0", timeout))
+            raise ValueError(self._field(field, "must be finite seconds > 0", timeout))
         return seconds
 
     def _executor_name(self, executor: str | Executor) -> str:

@@ -104,3 +104,50 @@ async def test_a_segfault_leaves_the_python_traceback_in_the_error(name: str) ->
     message = str(info.value)
     assert "faulthandler" in message and "Segmentation fault" in message
     assert "in segfault" in message  # the frame of the function that crashed
+
+
+# -- warn_after ------------------------------------------------------------------------------
+
+
+def stall_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "past warn_after" in r.getMessage()]
+
+
+@pytest.mark.parametrize("name", ["process", "aioprocess"])
+async def test_a_stalled_process_state_warns_once_with_its_workers_stack(
+        name: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="statepool.engine")
+    fn = work.busy if name == "process" else work.abusy
+    async with StateManager(executors=executor(name)) as m:
+        quick = await m.put_state(State("quick", fn, True, args=(0.01,), executor=name,
+                                        warn_after=5.0))
+        await asyncio.wait_for(quick, 30)  # the worker has imported the module
+        h = await m.put_state(State("stuck", fn, True, args=(1.2,), executor=name,
+                                    warn_after=0.3))
+        assert await asyncio.wait_for(h, 30) > 0  # warned, not killed
+    (record,) = stall_records(caplog)
+    message = record.getMessage()
+    assert "state 'stuck'" in message and "warn_after=0.3 s" in message
+    assert "in busy" in message  # the worker's current Python stack, from faulthandler
+    assert record.state == "stuck" and isinstance(record.worker, int)  # type: ignore[attr-defined]
+
+
+async def test_the_manager_option_covers_every_state_and_shows_a_coroutines_stack(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="statepool.engine")
+
+    async def dawdle() -> int:
+        await asyncio.sleep(0.6)
+        return 1
+
+    async with StateManager(warn_after=0.2) as m:
+        h = await m.put_state(State("slow-coro", dawdle))
+        fast = await m.put_state(State("fast-coro", work.achatty, args=(1,)))
+        assert await asyncio.wait_for(asyncio.gather(h, fast), 10) == [1, 1]
+    (record,) = stall_records(caplog)
+    assert "state 'slow-coro'" in record.getMessage()
+    assert "dawdle" in record.getMessage()  # the task's stack
+    with pytest.raises(ValueError, match="warn_after"):
+        StateManager(warn_after=0)
+    with pytest.raises(ValueError, match="warn_after"):
+        State("x", dawdle, warn_after=float("nan"))
