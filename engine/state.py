@@ -111,33 +111,24 @@ class State:
         else:
             self._retry = None
             self.retries = int(retries)
-        if after is _NONE and tags is _NONE and priority == 0 and type(priority) is int:
-            self.after = self.tags = _NONE
+        lazy = bool(self.lazy_args or self.lazy_kwargs)
+        self._has_lazy = lazy
+        if after is _NONE and tags is _NONE and type(priority) is int and not priority \
+                and not lazy and kwargs is None:  # the common case: a few stores
+            self.after = self.tags = self._deps = _NONE
             self.priority = 0
-            sched = False
-        else:
-            sched = self._scheduling(after, tags, priority)
-        # Dependencies: ``after`` and the handles given directly as arguments (engine/deps.py).
-        handles = bool(self.lazy_args or self.kwargs or self.lazy_kwargs or self.after)
-        if not handles:
+            self._waits = self._sched = False
             for arg in self.args:
-                if type(arg) is StateHandle:
-                    handles = True
+                if type(arg) is StateHandle:  # a dependency given as an argument
+                    self._scheduling(after, tags, priority)
                     break
-        if handles:
-            self._deps = self._handles_in_arguments(self.after)
-            self._waits = bool(self._deps or self.tags)  # it may wait, not holding the queue
-            self._sched = self._waits or sched
         else:
-            self._deps = _NONE
-            self._waits = bool(self.tags)
-            self._sched = sched  # the scheduler looks at it when put
+            self._scheduling(after, tags, priority)
         self.executor = executor
         if executor is None:  # the default, which needs no check
             self._executor = "inline" if self._is_coro or not self.is_blocking else "thread"
         else:
             self._executor = self._executor_name(executor)
-        self._has_lazy = bool(self.lazy_args or self.lazy_kwargs)
 
     @property
     def func_name(self) -> str:
@@ -180,8 +171,9 @@ class State:
             raise TypeError(self._field("event", "must be an asyncio.Event", gate))
         return gate
 
-    def _scheduling(self, after: Any, tags: Any, priority: Any) -> bool:
-        """Check and set ``after``, ``tags`` and ``priority``; True if any is not the default."""
+    def _scheduling(self, after: Any, tags: Any, priority: Any) -> None:
+        """Check and set ``after``, ``tags`` and ``priority``, and find the dependencies:
+        ``after`` and the handles given directly as arguments (engine/deps.py)."""
         self.after = self._after(after) if after is not _NONE else _NONE
         self.tags = self._tags(tags) if tags is not _NONE else _NONE
         if type(priority) is not int:
@@ -189,7 +181,9 @@ class State:
                 raise TypeError(self._field("priority", "must be an int", priority))
             priority = int(priority)
         self.priority = priority
-        return bool(self.after or self.tags or priority)
+        self._deps = self._handles_in_arguments(self.after)
+        self._waits = bool(self._deps or self.tags)  # it may wait, not holding the queue
+        self._sched = bool(self._waits or priority)  # the scheduler looks at it when put
 
     def _after(self, after: Any) -> tuple[StateHandle, ...]:
         if not isinstance(after, (tuple, list)):

@@ -483,3 +483,86 @@ def test_random_tagged_mixes_on_processes_never_exceed_a_limit(tmp_path: pathlib
         loop.call_soon_threadsafe(loop.stop)
         runner.join(10)
         loop.close()
+
+
+# -- priorities ---------------------------------------------------------------------------
+
+def _recorder() -> tuple[list[str], Any]:
+    order: list[str] = []
+
+    async def rec(name: str) -> None:
+        order.append(name)
+
+    return order, rec
+
+
+async def test_higher_priority_first_fifo_among_equals() -> None:
+    order, rec = _recorder()
+    m = StateManager()  # not running yet: everything is queued first
+    specs = [("a", 0), ("b", 1), ("c", -1), ("d", 1), ("e", 0), ("f", 5), ("g", -1), ("h", 0)]
+    await m.put_states([State(n, rec, args=(n,), priority=p) for n, p in specs[:4]])
+    for n, p in specs[4:]:
+        await m.put_state(State(n, rec, args=(n,), priority=p))
+    async with m:
+        await m.join()
+    assert order == ["f", "b", "d", "a", "e", "h", "c", "g"]
+
+
+async def test_priority_order_under_concurrent_puts() -> None:
+    order, rec = _recorder()
+    gate = asyncio.Event()
+    expected: list[tuple[int, int, str]] = []
+    seq = itertools.count()
+
+    async def producer(k: int) -> None:
+        for i in range(30):
+            p = (i * 7 + k) % 5 - 2
+            name = f"p{k}-{i}"
+            expected.append((-p, next(seq), name))  # the order they were put in, per priority
+            await m.put_state(State(name, rec, args=(name,), priority=p))
+            if i % 4 == 0:
+                await asyncio.sleep(0)
+
+    async with StateManager() as m:
+        await m.put_state(State("gate", rec, args=("gate",), event=gate))  # holds the queue
+        await asyncio.gather(*(producer(k) for k in range(4)))
+        gate.set()
+        await m.join()
+    assert order[0] == "gate"
+    assert order[1:] == [name for _, _, name in sorted(expected)]
+
+
+async def test_a_gate_holds_the_states_behind_it_in_priority_order() -> None:
+    order, rec = _recorder()
+    gate = asyncio.Event()
+    async with StateManager() as m:
+        await m.put_state(State("gated", rec, args=("gated",), event=gate, priority=1))
+        await asyncio.sleep(0.01)  # the gated state is taken: it holds the queue now
+        await m.put_states([State(n, rec, args=(n,), priority=p)
+                            for n, p in (("x", 0), ("y", 9), ("z", 0), ("w", 3))])
+        await asyncio.sleep(0.01)
+        assert order == []  # nothing passed the gate, not even priority 9
+        gate.set()
+        await m.join()
+    assert order == ["gated", "y", "w", "x", "z"]
+
+
+async def test_priorities_on_the_thread_and_plain_paths() -> None:
+    order: list[str] = []
+    from statepool.executors import ThreadExecutor
+
+    m = StateManager(executors={"thread": ThreadExecutor(max_workers=1)})
+    hs = await m.put_states([State(n, order.append, True, executor="thread", args=(n,),
+                                   priority=p) for n, p in (("lo", -1), ("hi", 2), ("mid", 0))])
+    async with m:
+        await m.join()
+    assert order == ["hi", "mid", "lo"]
+    assert all(h.status is StateStatus.SUCCEEDED for h in hs)
+
+
+async def test_stop_cancels_states_queued_at_every_priority() -> None:
+    m = StateManager()
+    hs = await m.put_states([State(f"s{p}", lambda: 0, priority=p) for p in (-1, 0, 1)])
+    m.signal_stopping()
+    await m.process_states()
+    assert all(h.status is StateStatus.CANCELLED for h in hs)
