@@ -282,8 +282,15 @@ class StateManager(FastPaths, EventSource, Waiting):
             fifo, heap = queue.fifo, queue.heap
             fast, eager = self._fast_paths(loop)
             turn, started = loop.time(), 0
+            handle: StateHandle | None = None
+            state: State | None = None
+            ex: Executor | None = None
+            task: asyncio.Task[Any] | None = None
             while not self._stop_requested:
                 if not fifo and not heap:
+                    # hold nothing of the last state while waiting (its function, arguments
+                    # and result live as long as the caller wants them, no longer)
+                    handle = state = ex = task = None
                     self._wakeup = loop.create_future()
                     await self._wakeup
                     self._wakeup = None
@@ -295,7 +302,7 @@ class StateManager(FastPaths, EventSource, Waiting):
                     continue
                 state = handle.state
                 if fast and self._plain(state):
-                    ex: Executor | None = self._executors.get(state._executor)
+                    ex = self._executors.get(state._executor)
                     if ex is None:
                         ex = self._try_executor_for(state)
                     if ex is not None and ex.runs_on_loop and state._is_coro:

@@ -110,3 +110,45 @@ def test_a_timeout_that_is_not_finite_seconds_is_a_value_error_naming_the_field(
         State("t", lambda: 1, timeout=timeout)
     assert "'t'" in str(info.value)
 
+
+
+class _Big:
+    """An argument we watch through a weak reference."""
+
+
+@pytest.mark.parametrize("executor", ["inline", "thread", "process"])
+@pytest.mark.parametrize("blocking", [False, True])
+async def test_no_stale_references(executor: str, blocking: bool) -> None:
+    """Once a state has ended and the caller dropped its handle, the manager (its main loop
+    waiting for the next put) holds nothing of it: CPython's and loky's
+    ``test_no_stale_references``."""
+    import gc
+    import weakref
+
+    if executor == "inline" and blocking:
+        pytest.skip("a blocking plain function cannot run inline")
+    if executor == "process" and not blocking:
+        blocking = True
+    arg = _Big()
+    watch = weakref.ref(arg)
+    func: Any = _noop_async if executor == "inline" else _noop
+    from statepool.executors import LokyExecutor
+
+    given = {"process": LokyExecutor(1)} if executor == "process" else {}
+    async with StateManager(executors=given) as m:
+        handle = await m.put_state(State("s", func, blocking, args=(arg,), executor=executor))
+        await asyncio.wait_for(handle, DEADLINE_S)
+        del handle, arg
+        deadline = time.monotonic() + 5.0
+        while watch() is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # the main loop goes back to waiting for a put
+            gc.collect()
+        assert watch() is None, gc.get_referrers(watch())
+
+
+def _noop(x: object) -> None:
+    return None
+
+
+async def _noop_async(x: object) -> None:
+    return None
