@@ -264,3 +264,32 @@ async def test_a_result_computed_before_the_worker_dies_releasing_its_arguments_
         after = await m.put_state(State("after", _attacks.answer, True, args=(1,),
                                         executor="process"))
         assert await asyncio.wait_for(after, DEADLINE_S) == 1
+
+
+def test_aioprocess_says_once_why_its_children_cannot_start(tmp_path: Path) -> None:
+    """A script read from stdin under the spawn start method: each child would die printing a
+    traceback, and the error said only "exited with code 1 (IncompleteReadError)"."""
+    script = textwrap.dedent("""
+        import asyncio
+        from statepool.engine import State, StateManager
+
+        async def f(x):
+            return x
+
+        async def main():
+            async with StateManager() as m:
+                hs = [await m.put_state(State(f"s{i}", f, True, args=(i,),
+                                              executor="aioprocess")) for i in range(6)]
+                for h in hs:
+                    try:
+                        await h
+                    except Exception as e:
+                        print("ERR", e)
+
+        asyncio.run(main())
+    """)
+    done = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    errors = [line for line in done.stdout.splitlines() if line.startswith("ERR")]
+    assert len(errors) == 6 and all("'<stdin>'" in e and "not a file" in e for e in errors)
+    assert "spawn_main" not in done.stderr  # no child started, none printed its traceback

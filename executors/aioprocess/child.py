@@ -55,6 +55,23 @@ RUN, CANCEL, READY, DONE, CANCELLED, RUN_OOB, DONE_OOB = 1, 2, 3, 4, 5, 6, 7
 META = struct.Struct("!I")  # the meta length at the head of a RUN_OOB / DONE_OOB body
 
 
+def unstartable_main() -> str | None:
+    """Why no child can start here, or ``None``: under the ``spawn`` and ``forkserver`` start
+    methods a child imports the parent's ``__main__`` from its file, and a script read from
+    stdin (``python - < script.py``) has no file; each child would die printing a traceback."""
+    import sys
+
+    method = get_context().get_start_method()
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if method == "fork" or getattr(main, "__spec__", None) is not None or path is None \
+            or os.path.exists(path):
+        return None
+    return (f"aioprocess children start with multiprocessing's {method!r} method, which imports "
+            f"the parent's __main__ from its file, and __main__ here is {path!r}, which is not a "
+            "file (a script read from stdin?): run the script from a file, or as a module")
+
+
 def frame(kind: int, tid: int, body: bytes = b"") -> bytes:
     """One frame: the header, then the body."""
     return HEADER.pack(kind, tid, len(body)) + body

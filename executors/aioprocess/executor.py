@@ -24,17 +24,16 @@ import enum
 import itertools
 import logging
 import shutil
-import tempfile
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from statepool.engine.errors import WorkerCrashedError
 
-from .._wire import faults, logrelay, shm, threads
+from .._wire import faults, lifeline, logrelay, shm, threads
 from .._wire.remote import OffLoop, dumps_call_small
 from ..base import Executor, PreparedCall
-from .child import CANCEL, CANCELLED, DONE, DONE_OOB, META, RUN_OOB, frame
+from .child import CANCEL, CANCELLED, DONE, DONE_OOB, META, RUN_OOB, frame, unstartable_main
 from .line import SlotLine
 from .worker import ChildHandle, Job, crash_error, describe_exit
 
@@ -45,6 +44,7 @@ logger = logging.getLogger(__name__)
 MAX_RERUNS = 2  # times an innocent call is sent again after its child was killed on purpose
 _RERUN = -1  # the job's future answers this kind: send it again
 _STOP_TIMEOUT_S = 5.0
+TEMP_PREFIX = "statepool-aioprocess-"  # then the parent's PID (see lifeline.sweep)
 _LIVENESS_S = 1.0  # how often busy children are checked for a death their socket did not tell
 
 
@@ -126,8 +126,10 @@ class AioProcessExecutor(Executor):
             self._started = self._loop.create_future()
             self._close_observers()
             self._relay = logrelay.Relay(self._loop)  # the children's log records, here
-            self._faults = tempfile.mkdtemp(prefix="statepool-aioprocess-")
+            self._faults = lifeline.make_temp_dir(TEMP_PREFIX)  # and sweep dead parents' ones
             try:
+                if (why := unstartable_main()) is not None:  # say why once, start nothing
+                    raise WorkerCrashedError(why)
                 outcomes = await asyncio.gather(
                     *(self._counted_spawn() for _ in range(self.processes)),
                     return_exceptions=True,
@@ -246,7 +248,7 @@ class AioProcessExecutor(Executor):
         """The private temporary directory of the large buffers' files (made on first use,
         removed at shutdown)."""
         if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix="statepool-aioprocess-")
+            self._dir = lifeline.make_temp_dir(TEMP_PREFIX)
             self._finalizer = weakref.finalize(self, shutil.rmtree, self._dir, True)
         return self._dir
 
