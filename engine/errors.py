@@ -8,6 +8,7 @@
     ├── SerializationError  (pickle.PicklingError)  cloudpickle cannot carry an object
     ├── LazyArgumentError                    a lazy argument raised (``__cause__`` is why)
     ├── DependencyError                      a dependency failed or was cancelled (``__cause__``)
+    ├── InitializerError    (RuntimeError)   the initializer of the state's worker raised
     └── ManagerStoppedError (RuntimeError)   the manager no longer accepts states
 
 An exception raised by the state's own function is kept as it is (its type unchanged); when it
@@ -21,6 +22,7 @@ import pickle
 __all__ = [
     "DependencyError",
     "EngineError",
+    "InitializerError",
     "LazyArgumentError",
     "ManagerStoppedError",
     "SerializationError",
@@ -89,3 +91,23 @@ def _rebuild_dependency(message: str, state_name: str, dependency_name: str,
                         dependency_status: str) -> DependencyError:
     return DependencyError(message, state_name=state_name, dependency_name=dependency_name,
                            dependency_status=dependency_status)
+
+
+class InitializerError(EngineError, RuntimeError):
+    """The ``initializer`` of the worker (thread, process, child) given the state raised, so the
+    worker cannot run states: each call it is given fails with this error, which names the
+    state and the initializer (``initializer``); ``__cause__`` is the initializer's error, or its
+    traceback as text when it was raised in another process."""
+
+    def __init__(self, message: str, *, state_name: str = "", initializer: str = "") -> None:
+        super().__init__(message)
+        self.state_name = state_name
+        self.initializer = initializer
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (_rebuild_initializer_error, (str(self), self.state_name, self.initializer))
+
+
+def _rebuild_initializer_error(message: str, state_name: str,
+                               initializer: str) -> InitializerError:
+    return InitializerError(message, state_name=state_name, initializer=initializer)

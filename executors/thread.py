@@ -26,6 +26,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ._wire.initializer import check as initializer_check
+from ._wire.initializer import failed as initializer_failed
+from ._wire.initializer import run as initializer_run
 from ._wire.threads import ThreadCap
 from .base import Executor, OnDone, PreparedCall, fail_future
 
@@ -70,11 +73,17 @@ class ThreadExecutor(Executor):
 
     def __init__(self, max_workers: int | None = None, *, long_after: float = 0.25,
                  idle_timeout: float = 30.0, shutdown_grace: float | None = None,
-                 inner_threads: int | None = None) -> None:
+                 inner_threads: int | None = None,
+                 initializer: Callable[..., object] | None = None,
+                 initargs: tuple[Any, ...] | list[Any] = ()) -> None:
         """``inner_threads`` (default ``None``: the libraries are left alone) limits the BLAS /
         OpenMP thread pools (numpy...) while the executor runs. Those pools belong to the whole
         process: the limit holds for every thread of it, this one's included, until shutdown
-        (see docs/thread.md)."""
+        (see docs/thread.md). ``initializer(*initargs)`` runs once in each thread before its
+        first call (a plain function); a thread whose initializer raised fails every call it
+        takes with ``InitializerError`` (executors/_wire/initializer.py)."""
+        self._setup = initializer_check("ThreadExecutor", initializer, initargs,
+                                        coroutine_ok=False, carried=False)
         if inner_threads is not None and (isinstance(inner_threads, bool) or not isinstance(
                 inner_threads, int) or inner_threads < 1):
             raise ValueError("ThreadExecutor: 'inner_threads' must be an int >= 1 or None, "
@@ -246,6 +255,8 @@ class ThreadExecutor(Executor):
         name = threading.current_thread().name
         clock = time.perf_counter
         cap = self._cap
+        setup = self._setup
+        broken = initializer_run(setup) if setup is not None else None
         while True:
             try:
                 item = work.get(timeout=self.idle_timeout)
@@ -264,7 +275,11 @@ class ThreadExecutor(Executor):
                 if cap is not None:
                     cap.ensure_thread()
                 t0 = clock()
-                ok, value = _call(call)
+                if broken is not None and setup is not None:
+                    ok, value = False, initializer_failed(setup, broken, call.state_name,
+                                                          f"its thread {name}")
+                else:
+                    ok, value = _call(call)
                 call.ran_s = clock() - t0
                 del call
                 self._post(item, _OK if ok else _ERR, value)

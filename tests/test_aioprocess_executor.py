@@ -653,7 +653,8 @@ async def test_initializer_runs_in_every_child() -> None:
 
 
 async def test_children_that_cannot_start_fail_start() -> None:
-    ex = AioProcessExecutor(processes=1, initializer=broken_initializer)
+    # (a raising initializer does not stop a child from starting: tests/test_initializer.py)
+    ex = AioProcessExecutor(processes=1, loop_initializer=broken_initializer)
     with pytest.raises(WorkerCrashedError, match="failed to start"):
         await ex.start()
     assert ex.worker_pids() == []

@@ -30,7 +30,7 @@ import aiomultiprocess
 from aiomultiprocess.core import get_context
 from aiomultiprocess.types import Unit
 
-from .._wire import faults, lifeline, logrelay, shm
+from .._wire import faults, initializer, lifeline, logrelay, shm
 from .._wire.remote import dumps_error, run_pickled_async
 from .._wire.threads import apply_loaded, set_here
 
@@ -95,11 +95,12 @@ class ChildProcess(aiomultiprocess.Process):  # type: ignore[misc]
         env: dict[str, str] | None = None,
         directory: str = "",
         observe: dict[str, Any] | None = None,
+        setup: bytes | None = None,
     ) -> None:
         self.unit = Unit(
             target=child_main,
             args=(sock, os.getpid(), directory),
-            kwargs={"observe": observe},
+            kwargs={"observe": observe, "setup": setup},
             namespace=None,
             initializer=child_init,
             initargs=(env or {}, initializer, tuple(initargs)),
@@ -124,15 +125,21 @@ def child_init(env: dict[str, str], initializer: Callable[..., None] | None,
 
 
 async def child_main(sock: socket.socket, parent: int | None = None,
-                     directory: str = "", observe: dict[str, Any] | None = None) -> None:
+                     directory: str = "", observe: dict[str, Any] | None = None,
+                     setup: bytes | None = None) -> None:
     """Run every ``RUN`` frame as a task of this loop until the parent closes the socket;
     ``directory``: where out-of-band buffers go (none when empty); ``observe``: the log relay
-    and faulthandler's file (_wire/logrelay.py, _wire/faults.py)."""
+    and faulthandler's file (_wire/logrelay.py, _wire/faults.py); ``setup``: the pickled
+    initializer (``_wire.initializer``), awaited before the child says it is ready."""
     if parent is not None:
         lifeline.arm(parent)  # never outlive the parent (nor what our states start)
     if observe:  # the parent's log relay and faulthandler's file
         logrelay.install(observe.get("log"))
         faults.install(observe.get("faults"))
+    init = initializer.Setup.loads(setup) if setup is not None else None
+    broken = await initializer.run_async(init) if init is not None else None
+    if init is not None:
+        apply_loaded()  # the thread limits again, on what the initializer loaded
     reader, writer = await asyncio.open_connection(sock=sock)
     writer.write(frame(READY, os.getpid()))
     outbox = _Outbox(writer)
@@ -144,7 +151,9 @@ async def child_main(sock: socket.socket, parent: int | None = None,
                 body = await reader.readexactly(size) if size else b""
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
-            if kind in (RUN, RUN_OOB):
+            if kind in (RUN, RUN_OOB) and broken is not None and init is not None:
+                outbox.send(frame(DONE, tid, _refused(body, kind == RUN_OOB, init, broken)))
+            elif kind in (RUN, RUN_OOB):
                 task = asyncio.create_task(_run(body, kind == RUN_OOB, directory))
                 tasks[tid] = task
                 task.add_done_callback(functools.partial(_report, outbox, tasks, tid))
@@ -178,6 +187,19 @@ async def _run(body: bytes, oob: bool, directory: str) -> tuple[int, bytes]:
         return DONE, outcome
     meta, outcome = shm.write_out(large, directory, pickle.loads(body), outcome)
     return (DONE_OOB, META.pack(len(meta)) + meta + outcome) if meta else (DONE, outcome)
+
+
+def _refused(body: bytes, oob: bool, init: initializer.Setup, broken: BaseException) -> bytes:
+    """The outcome of a call given to a child whose initializer raised."""
+    if oob:
+        size = META.unpack_from(body)[0]
+        body = body[META.size + size:]
+    try:
+        name = str(pickle.loads(body))  # the state's name, pickled ahead of the call
+    except BaseException:
+        name = "?"
+    return dumps_error(name, initializer.failed(init, broken, name,
+                                                f"its child process {os.getpid()}"))
 
 
 def _report(outbox: _Outbox, tasks: dict[int, asyncio.Task[tuple[int, bytes]]], tid: int,

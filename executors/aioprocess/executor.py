@@ -31,6 +31,7 @@ from typing import Any
 from statepool.engine.errors import WorkerCrashedError
 
 from .._wire import faults, lifeline, logrelay, shm, threads
+from .._wire.initializer import check as initializer_check
 from .._wire.remote import OffLoop, dumps_call_small
 from ..base import Executor, PreparedCall
 from .child import CANCEL, CANCELLED, DONE, DONE_OOB, META, RUN_OOB, frame, unstartable_main
@@ -72,7 +73,7 @@ class AioProcessExecutor(Executor):
         *,
         cancel_grace: float = 0.5,
         start_timeout: float = 60.0,
-        initializer: Callable[..., None] | None = None,
+        initializer: Callable[..., object] | None = None,
         initargs: Sequence[Any] = (),
         loop_initializer: Callable[..., asyncio.AbstractEventLoop] | None = None,
         inner_threads: threads.InnerThreads = "auto",
@@ -88,9 +89,14 @@ class AioProcessExecutor(Executor):
         self.childconcurrency = childconcurrency
         self.cancel_grace = cancel_grace
         self.start_timeout = start_timeout
+        # initializer(*initargs), awaited if it is a coroutine function: once in each child
+        # before its first call, cloudpickled (lambdas work); a child whose initializer raised
+        # fails what it is given (executors/_wire/initializer.py)
+        setup = initializer_check("AioProcessExecutor", initializer, initargs,
+                                  coroutine_ok=True, carried=True)
         self._child_options: dict[str, Any] = {
-            "initializer": initializer, "initargs": tuple(initargs),
-            "loop_initializer": loop_initializer,
+            "initializer": None, "initargs": (), "loop_initializer": loop_initializer,
+            "setup": setup.dumps() if setup is not None else None,
         }
         self._phase = _Phase.IDLE
         self._children: list[ChildHandle] = []

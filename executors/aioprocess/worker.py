@@ -106,6 +106,7 @@ class ChildHandle:
         env: dict[str, str] | None = None,
         directory: str = "",
         observe: dict[str, Any] | None = None,
+        setup: bytes | None = None,
     ) -> ChildHandle:
         """Start a child and wait for its ``READY`` frame. ``observe``: the log relay's config
         and faulthandler's directory (_wire/logrelay.py, _wire/faults.py)."""
@@ -113,7 +114,7 @@ class ChildHandle:
         proc = ChildProcess(child_sock, name=f"statepool-aioprocess-{index}",
                             initializer=initializer, initargs=initargs,
                             loop_initializer=loop_initializer, env=env,
-                            directory=directory, observe=observe)
+                            directory=directory, observe=observe, setup=setup)
         try:
             proc.start()  # Popen forks and writes the spawn data: about 1 ms
         except BaseException:

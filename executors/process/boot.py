@@ -17,8 +17,8 @@ RUN_NAME = "__statepool_worker__"
 
 # the modules a worker imports, relative to executors/ (compile_ahead compiles them)
 _WORKER_MODULES = ("__init__", "base", "process/__init__", "process/worker",
-                   "_wire/__init__", "_wire/lifeline", "_wire/remote", "_wire/shm",
-                   "_wire/threads", "_wire/logrelay", "_wire/faults")
+                   "_wire/__init__", "_wire/initializer", "_wire/lifeline", "_wire/remote",
+                   "_wire/shm", "_wire/threads", "_wire/logrelay", "_wire/faults")
 
 
 def compile_ahead(prefix: str) -> None:

@@ -37,6 +37,7 @@ import os
 import shutil
 import sys
 import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -45,6 +46,7 @@ import psutil
 from statepool.engine.errors import WorkerCrashedError
 
 from .._wire import faults, lifeline, logrelay, shm, threads
+from .._wire.initializer import check as initializer_check
 from ..base import Executor, PreparedCall
 from . import boot
 from .batch import Job
@@ -83,7 +85,14 @@ class LokyExecutor(Dispatch, Executor):
 
     def __init__(self, max_workers: int | None = None, *, max_tasks_per_worker: int | None = None,
                  max_memory: int | None = None, memory_poll_interval: float = 0.1,
-                 inner_threads: threads.InnerThreads = "auto") -> None:
+                 inner_threads: threads.InnerThreads = "auto",
+                 initializer: Callable[..., object] | None = None,
+                 initargs: tuple[Any, ...] | list[Any] = ()) -> None:
+        # initializer(*initargs): once in each worker, before its first call (cloudpickled:
+        # lambdas work); a worker whose initializer raised fails what it is given
+        setup = initializer_check("LokyExecutor", initializer, initargs, coroutine_ok=False,
+                                  carried=True)
+        self._setup = setup.dumps() if setup is not None else None
         if max_workers is None:
             max_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
                 else os.cpu_count() or 1
@@ -162,7 +171,8 @@ class LokyExecutor(Dispatch, Executor):
         fut = self._loop.run_in_executor(
             self._helper, Worker.spawn, index, index * RING, RING, self._table,
             self.max_tasks_per_worker, self.max_memory, self._pycache, self._env,
-            {"log": self._relay.config() if self._relay else None, "faults": self._dir})
+            {"log": self._relay.config() if self._relay else None, "faults": self._dir},
+            self._setup)
         self._spawning[index] = fut
         fut.add_done_callback(functools.partial(self._spawned, index))
 

@@ -88,12 +88,14 @@ class Worker:
     def spawn(cls, index: int, base: int, ring: int, table: SlotTable,
               max_tasks: int | None, max_memory: int | None,
               pycache: str | None = None, env: dict[str, str] | None = None,
-              observe: dict[str, Any] | None = None) -> Worker:
+              observe: dict[str, Any] | None = None,
+              setup: bytes | None = None) -> Worker:
         """Start a worker process (blocks a few ms: helper thread only); ``env`` is added to
         its environment (the thread limits of ``_wire.threads``); ``observe``: the log relay's
         config and faulthandler's directory (_wire/logrelay.py, _wire/faults.py)."""
         parent, child = socket.socketpair()
-        args = (child, table.path, table.nslots, base, ring, max_tasks, max_memory, os.getpid())
+        args = (child, table.path, table.nslots, base, ring, max_tasks, max_memory, os.getpid(),
+                setup)
         try:
             process = get_context("loky").Process(  # boot runs worker_main(*args)
                 target=runpy.run_path, name=f"statepool-process-{index}", args=(_BOOT,),

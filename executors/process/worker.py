@@ -32,7 +32,7 @@ import time
 import weakref
 from typing import Any
 
-from .._wire import lifeline
+from .._wire import initializer, lifeline
 from .._wire.remote import dumps_error, run_call, unloadable_call
 from .._wire.shm import keep_out, map_buffers, write_out
 from .._wire.threads import apply_loaded
@@ -167,8 +167,10 @@ class _Reader:
 
 
 def worker_main(sock: socket.socket, table_path: str, nslots: int, base: int, ring: int,
-                max_tasks: int | None, max_memory: int | None, parent: int | None = None) -> None:
-    """Serve ``BATCH`` frames until ``STOP``, end of file, or a recycling."""
+                max_tasks: int | None, max_memory: int | None, parent: int | None = None,
+                setup: bytes | None = None) -> None:
+    """Serve ``BATCH`` frames until ``STOP``, end of file, or a recycling. ``setup``: the
+    pickled initializer, run before the first call (``_wire.initializer``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops us
     if parent is not None:
         lifeline.arm(parent)  # never outlive the parent (nor what our states start)
@@ -184,6 +186,8 @@ def worker_main(sock: socket.socket, table_path: str, nslots: int, base: int, ri
     keep = keep_out(large)
     done = 0
     checked = time.perf_counter()
+    init: initializer.Setup | None = None
+    broken: BaseException | None = None
     while (frame := reader.frame()) is not None:
         kind, seq, count, meta, body = frame
         if kind != BATCH:
@@ -203,11 +207,19 @@ def worker_main(sock: socket.socket, table_path: str, nslots: int, base: int, ri
                 calls[i] = None
                 send(FRAME.pack(SKIP, number, 0, 0, 0, 0.0))
                 continue
+            if setup is not None:  # the first call: the initializer first, once
+                init, setup = initializer.Setup.loads(setup), None
+                broken = initializer.run(init)
+                apply_loaded()  # the thread limits again, on what the initializer loaded
             states[slot] = RUNNING
             began = time.perf_counter()
             name, fn, args, kwargs = calls[i]
             calls[i] = None
-            outcome = run_call(name, fn, args, kwargs, large, keep)
+            if broken is not None and init is not None:
+                outcome = dumps_error(name, initializer.failed(
+                    init, broken, name, f"its worker process {os.getpid()}"))
+            else:
+                outcome = run_call(name, fn, args, kwargs, large, keep)
             extra = b""
             if large:  # the result's large buffers go out of band too
                 extra, outcome = write_out(large, directory, name, outcome)
