@@ -17,6 +17,7 @@ from collections.abc import (
     Iterable,
     Mapping,
     Sequence,
+    Sized,
 )
 from types import TracebackType
 from typing import Any, ClassVar
@@ -237,6 +238,7 @@ class StateManager(FastPaths, EventSource, Waiting):
             executor: str | Executor | None = None, ordered: bool = True,
             window: int | None = None, chunksize: int | None = None,
             return_exceptions: bool = False, name: str | None = None,
+            progress: bool | dict[str, Any] = False,
             **state_options: Any) -> AsyncIterator[Any]:
         """``func(item)`` for every item of a sync or async iterable, as blocking states side by
         side; yields the results in input order (``ordered``) or as they complete.
@@ -248,10 +250,22 @@ class StateManager(FastPaths, EventSource, Waiting):
         pending, unless ``return_exceptions=True`` (the exception is yielded in its place);
         leaving the loop early cancels what is pending. ``state_options`` are State's
         (``timeout``, ``retries``, ``tags``, ``priority``...). Details: engine/pipeline.py.
+        ``progress=True`` (or a dict of :class:`~statepool.engine.progress.Bar` options) shows
+        a progress bar of the items (engine/progress.py; needs rich).
         """
-        return self._mapper(func, iterable, executor=executor, ordered=ordered, window=window,
-                            chunksize=chunksize, return_exceptions=return_exceptions, name=name,
-                            **state_options).results()
+        results = self._mapper(func, iterable, executor=executor, ordered=ordered,
+                               window=window, chunksize=chunksize,
+                               return_exceptions=return_exceptions, name=name,
+                               **state_options).results()
+        if not progress:
+            return results
+        from .naming import func_name
+        from .progress import track
+
+        options = progress if isinstance(progress, dict) else {}
+        total = len(iterable) if isinstance(iterable, Sized) else None
+        return track(results, total=total, manager=self,
+                     **{"description": name or func_name(func), **options})
 
     def _mapper(self, func: Callable[[Any], Any], iterable: Any, *,
                 executor: str | Executor | None = None, ordered: bool = True,
