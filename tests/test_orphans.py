@@ -293,3 +293,65 @@ def test_aioprocess_says_once_why_its_children_cannot_start(tmp_path: Path) -> N
     errors = [line for line in done.stdout.splitlines() if line.startswith("ERR")]
     assert len(errors) == 6 and all("'<stdin>'" in e and "not a file" in e for e in errors)
     assert "spawn_main" not in done.stderr  # no child started, none printed its traceback
+
+
+# -- Dask: the LocalCluster statepool starts -------------------------------------------------
+
+DASK_PARENT = textwrap.dedent("""
+    import asyncio, json, os, sys
+    sys.path.insert(0, {tests!r})
+    import _attacks
+    from statepool.engine import State, StateManager
+    from statepool.executors import DaskExecutor
+
+    out = sys.argv[1]
+
+    async def main():
+        ex = DaskExecutor(n_workers=1)
+        async with StateManager(executors={{"dask": ex}}) as m:
+            await m.put_state(State("popen", _attacks.popen_then_sleep, True,
+                                    args=(out + ".popen",), executor="dask"))
+            while not os.path.exists(out + ".popen"):
+                await asyncio.sleep(0.01)
+            info = {{"workers": ex.worker_pids(), "address": ex.client.scheduler.address}}
+            with open(out + ".tmp", "w") as f:
+                json.dump(info, f)
+            os.replace(out + ".tmp", out)
+            await asyncio.sleep(3600)
+
+    if __name__ == "__main__":
+        asyncio.run(main())
+""")
+
+
+def test_dask_workers_statepool_started_die_with_the_parent_and_speak_tls(
+        tmp_path: Path) -> None:
+    pytest.importorskip("distributed")
+    pytest.importorskip("cryptography")
+    out = tmp_path / "info"
+    script = tmp_path / "parent.py"
+    script.write_text(DASK_PARENT.format(tests=str(TESTS)))
+    parent = subprocess.Popen([sys.executable, str(script), str(out)],
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not out.exists():
+            assert parent.poll() is None, "the parent script died"
+            assert time.monotonic() < deadline, "the parent script did not get ready"
+            time.sleep(0.05)
+        info = json.loads(out.read_text())
+        assert info["address"].startswith("tls://")  # not plain TCP: other local users
+        victims = info["workers"] + [read_pid(Path(f"{out}.popen"))]
+        assert len(info["workers"]) == 1 and all(alive(pid) for pid in victims)
+        parent.kill()
+        parent.wait(10)
+        left = wait_gone(victims, GONE_S)
+        assert not left, f"outlived their parent by {GONE_S} s: {left} of {victims}"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        path = Path(f"{out}.popen")
+        if path.exists():
+            with __import__("contextlib").suppress(ProcessLookupError, ValueError):
+                os.kill(int(path.read_text()), signal.SIGKILL)

@@ -30,8 +30,10 @@ import psutil
 from ..base import Executor, PreparedCall
 from .scatter import ScatterCache
 from .support import (
+    Lifeline,
     Slots,
     hard_exit,
+    local_security,
     serialization_error,
     task_function,
     translate_error,
@@ -158,7 +160,9 @@ class DaskExecutor(Executor):
             else:
                 target = self.address
             client = await _dd.Client(target, asynchronous=True, security=self.security,
-                                      **self.client_kwargs)
+                                      **self.client_kwargs)  # None: the cluster's own
+            if cluster is not None:  # its workers die with this process (support.Lifeline)
+                await client.register_plugin(Lifeline(os.getpid()))
         except BaseException:
             if cluster is not None:
                 await cluster.close()
@@ -184,7 +188,7 @@ class DaskExecutor(Executor):
             "host": "127.0.0.1",
             "dashboard_address": self.dashboard_address,
             "asynchronous": True,
-            "security": self.security,
+            "security": self.security if self.security is not None else local_security(),
             "silence_logs": logging.CRITICAL,  # failures reach the engine's log, once
         }
         options.update(self.cluster_kwargs)

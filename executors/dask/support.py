@@ -10,23 +10,81 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import cloudpickle
 from distributed import KilledWorker
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from statepool.engine.errors import SerializationError, WorkerCrashedError
 
 from .._wire.remote import RemoteTraceback, type_name
 from ..base import PreparedCall
 
-__all__ = ["Slots", "hard_exit", "serialization_error", "task_function", "translate_error"]
+__all__ = ["Lifeline", "Slots", "hard_exit", "local_security", "serialization_error",
+           "task_function", "translate_error"]
+
+logger = logging.getLogger(__name__)
 
 _RESULT_NOT_SERIALIZABLE = "Could not serialize object of type "
 _SCHEDULER_LOST = "scheduler-connection-lost"
 _EXIT_MARK = "statepool: the state tried to end its Dask worker"
+
+
+def local_security() -> Any:
+    """TLS with temporary credentials for a LocalCluster statepool starts (its ports would take
+    code from any local user), where ``cryptography`` is installed (the ``dask`` extra brings
+    it); ``None`` (plain TCP on loopback, with a warning) where it is not."""
+    try:
+        import cryptography  # noqa: F401 - Security.temporary() needs it
+    except ImportError:
+        logger.warning("dask: cryptography is not installed; the LocalCluster listens on "
+                       "loopback without TLS (any local user could submit code to it): "
+                       "pip install 'statepool[dask]'")
+        return None
+    from distributed import Security
+
+    return Security.temporary()
+
+
+class Lifeline(WorkerPlugin):  # type: ignore[misc]
+    """A worker plugin: a worker of a LocalCluster statepool started dies, with what its tasks
+    started, within about a second of the parent's death (``_wire.lifeline``, the watch thread:
+    no parent-death signal, which follows the parent's thread that started the worker)."""
+
+    name = "statepool-lifeline"
+
+    def __init__(self, parent: int) -> None:
+        self.parent = parent
+
+    def setup(self, worker: Any) -> None:
+        import os
+
+        from .._wire import lifeline
+
+        if os.getppid() != self.parent:  # not a worker process of ours
+            return
+        lifeline.arm(self.parent, pdeathsig=False)
+        # distributed ends a worker whose parent died with os._exit() at once, from its own
+        # watch thread, before ours sees it: in our workers, that exit (and any other) first
+        # kills what the tasks started
+        if not getattr(os._exit, "statepool_lifeline", False):
+            os._exit = _exit_killing_descendants(os._exit)  # type: ignore[assignment]
+
+
+def _exit_killing_descendants(real: Callable[[int], Any]) -> Callable[[int], Any]:
+    def _exit(code: int) -> Any:
+        from .._wire import lifeline
+
+        with contextlib.suppress(BaseException):
+            lifeline.kill_descendants()
+        return real(code)
+
+    _exit.statepool_lifeline = True  # type: ignore[attr-defined]
+    return _exit
 
 
 def task_function(fn: Callable[..., Any]) -> Callable[..., Any]:
