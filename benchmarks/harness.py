@@ -31,7 +31,7 @@ __all__ = [
     "usable_cores",
 ]
 
-SUITES = ("dispatch", "latency", "cpu", "payload", "coldstart", "memory", "logging")
+SUITES = ("dispatch", "latency", "cpu", "payload", "coldstart", "memory", "logging", "events")
 
 T = TypeVar("T")
 Runner = Callable[[list["Figure"]], Awaitable[None]]

@@ -24,6 +24,7 @@ from .harness import Case, Config, Figure, NotAvailable
 from .noise import Noise, NoiseMeter, descendants
 from .report import console, link_baselines, print_report, write_json
 from .suite_calls import dispatch_cases, latency_cases
+from .suite_events import events_cases, write_timelines
 from .suite_system import coldstart_cases, logging_cases, memory_cases
 from .suite_work import cpu_cases, payload_cases
 from .system import machine_info
@@ -38,6 +39,7 @@ SUITE_CASES: dict[str, Callable[[Config], list[Case]]] = {
     "coldstart": coldstart_cases,
     "memory": memory_cases,
     "logging": logging_cases,
+    "events": events_cases,
 }
 _SHM = "/dev/shm"
 
@@ -179,6 +181,8 @@ def run(cfg: Config, json_path: str | None, plot_dir: str | None) -> int:
 
         for path in write_plots(plot_dir, figures, cfg.workers):
             out.print(f"chart written to {path}")
+        for path in write_timelines(plot_dir):  # the events suite's pipeline (if it ran)
+            out.print(f"trace written to {path}")
     if cleanup["children_left"]:
         return 2
     return 1 if any(fig.error for fig in figures) else 0

@@ -93,3 +93,42 @@ def calibrate_burn(target_s: float, probe: int = 200_000) -> int:
         burn(probe)
         best = min(best, time.perf_counter() - t0)
     return max(1_000, int(probe * target_s / best))
+
+
+# -- the events suite's small pipeline (benchmarks/suite_events.py) -------------------------
+
+
+def pack_blob(i: int, size: int, marker_dir: str) -> tuple[int, str, bytes]:
+    """Stage 1 (a process): make blob ``i``, hash and compress it. Item 5 fails on its first
+    attempt (it leaves a marker, the retry passes); item 11 always fails: the timeline shows
+    both."""
+    import hashlib
+    import zlib
+
+    if i == 11:
+        raise ValueError(f"blob {i} is corrupt")
+    if i == 5:
+        marker = os.path.join(marker_dir, "blob-5")
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            raise OSError(f"blob {i}: a transient read error")
+    seed = hashlib.sha256(str(i).encode()).digest()
+    data = (seed * (size // len(seed) + 1))[: size // 2] + os.urandom(size // 2)
+    for _ in range(1 + i % 3):  # uneven work: the bars differ in length
+        packed = zlib.compress(data, 6)
+    return i, hashlib.sha256(data).hexdigest(), packed
+
+
+def check_blob(item: tuple[int, str, bytes]) -> tuple[int, int]:
+    """Stage 2 (a thread): decompress, check the digest, count the bytes (zlib and hashlib
+    release the GIL on large buffers: two threads run side by side)."""
+    import hashlib
+    import zlib
+
+    i, digest, packed = item
+    data = zlib.decompress(packed)
+    for _ in range(4):
+        ok = hashlib.sha256(data).hexdigest() == digest
+    if not ok:
+        raise ValueError(f"blob {i}: digest mismatch")
+    return i, len(data)

@@ -213,14 +213,17 @@ def plot_timeline(events: Iterable[StateEvent], path: str | os.PathLike[str], *,
     top.tick_params(labelsize=7)
     for run in runs:
         y = index[run.worker]
-        start, width = run.start - origin, max(run.end - run.start, span / 2000)
+        bad = run.outcome in ("failed", "retrying")
+        start = run.start - origin
+        width = max(run.end - run.start, span / (120 if bad else 600))  # a failure shows
         ax.barh(y, width, left=start, height=0.7, color=COLOURS.get(run.outcome, "#4a7fd0"),
-                edgecolor="white", linewidth=0.6, zorder=2)
+                edgecolor="white" if not bad else "black", linewidth=0.6, zorder=4 if bad else 2)
         if width > span / 25:
             ax.text(start + width / 2, y, _label(run), ha="center", va="center", fontsize=7,
-                    color="white", clip_on=True, zorder=3)
-        if run.outcome in ("failed", "retrying"):
-            ax.plot(start + width, y, marker="x", color="black", markersize=5, zorder=4)
+                    color="white", clip_on=True, zorder=5)
+        elif bad:  # too narrow for its name: the name above it
+            ax.text(start + width / 2, y - 0.42, _label(run), ha="center", va="bottom",
+                    fontsize=6.5, color=COLOURS[run.outcome], fontweight="bold", zorder=5)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels(rows, fontsize=8)
     ax.invert_yaxis()

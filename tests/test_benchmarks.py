@@ -189,6 +189,20 @@ def test_charts_are_valid_png_files(quick_run: dict[str, Any]) -> None:
             assert img.size[0] > 300 and img.size[1] > 100
 
 
+def test_the_events_suite_writes_the_pipeline_trace_and_timeline(
+        quick_run: dict[str, Any]) -> None:
+    from PIL import Image
+
+    charts = quick_run["dir"] / "charts"
+    doc = json.loads((charts / "pipeline_trace.json").read_text())
+    slices = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    outcomes = {e["args"]["outcome"] for e in slices if "outcome" in e["args"]}
+    assert {"succeeded", "failed", "retrying"} <= outcomes
+    with Image.open(charts / "pipeline_timeline.png") as img:
+        img.verify()
+        assert img.size[0] > 800
+
+
 # -- the harness, in process --------------------------------------------------------------
 
 
