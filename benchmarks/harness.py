@@ -31,7 +31,8 @@ __all__ = [
     "usable_cores",
 ]
 
-SUITES = ("dispatch", "latency", "cpu", "payload", "coldstart", "memory", "logging", "events")
+SUITES = ("dispatch", "latency", "cpu", "payload", "coldstart", "memory", "logging", "events",
+          "scheduling")
 
 T = TypeVar("T")
 Runner = Callable[[list["Figure"]], Awaitable[None]]

@@ -11,6 +11,9 @@ While DEBUG logging is off (the ordinary path logs every state's enter and exit)
 * a blocking state on an executor that offers ``submit`` (``"thread"``) goes to it with no task
   of its own: the executor ends the handle through :meth:`StateHandle._conclude`.
 
+A plain state may have tags: the main loop takes its slots before it starts it (or parks it,
+``engine/waiting.py``), and it gives them back when its attempt ends or is cancelled.
+
 Everything else takes the ordinary path, ``StateManager._run`` in a task of its own. These
 methods are a part of :class:`~statepool.engine.manager.StateManager`, kept apart to keep it
 readable; they know executors only through :class:`~statepool.executors.base.Executor`.
@@ -29,6 +32,7 @@ from statepool.executors.base import Executor, PreparedCall
 
 from .handle import StateHandle, StateStatus
 from .log import logger
+from .slots import SlotGuard, TagSlots
 from .state import State
 from .timings import marks_of
 
@@ -49,6 +53,7 @@ class FastPaths:
     _books: Books
     _tasks: set[asyncio.Future[Any]]
     _current: StateHandle | None
+    _slots: TagSlots
 
     if TYPE_CHECKING:
         def _executor_for(self, state: State) -> Executor: ...
@@ -64,12 +69,16 @@ class FastPaths:
 
     @staticmethod
     def _plain(state: State) -> bool:
-        """A state with no gate, lazy argument, timeout, retry, dependency or tag, named by
-        executor name."""
+        """A state with no gate, lazy argument, timeout, retry or dependency, named by executor
+        name (tags are fine: the main loop takes their slots first)."""
         given = state.executor
         return (state.event is None and not state._has_lazy and state.timeout is None
-                and not state.retries and not state._waits and state.warn_after is None
+                and not state.retries and not state._deps and state.warn_after is None
                 and (given is None or type(given) is str))
+
+    def _fast_paths_now(self) -> bool:
+        """Whether the fast paths are open now (DEBUG off), outside the main loop's turn."""
+        return not logger.isEnabledFor(logging.DEBUG)
 
     def _try_executor_for(self, state: State) -> Executor | None:
         try:
@@ -116,15 +125,22 @@ class FastPaths:
         call = PreparedCall(state.name, state._func_name, state.func, state.args, state.kwargs,
                             is_coro=state._is_coro, is_blocking=True, on_start=handle._started)
         marks_of(handle).call = call  # its worker and run time, for timings and events
+        guard = SlotGuard(self._slots, handle) if state.tags else None
         try:
-            submitted = ex.submit(call, handle._conclude)
+            submitted = ex.submit(call, handle._conclude if guard is None else guard.on_done)
         except Exception as exc:  # the executor is shut down
             self._begin(handle, state)
-            handle._conclude(False, exc)
+            if guard is not None:
+                guard.on_done(False, exc)
+            else:
+                handle._conclude(False, exc)
             return True
         if submitted is None:
             return False
         self._begin(handle, state)
+        if guard is not None:
+            guard.submitted = submitted
+            submitted = guard  # its cancel() gives the slots back too
         handle._task = submitted  # type: ignore[assignment]  # cancel() and done(), as a task
         return True
 
@@ -148,6 +164,8 @@ class FastPaths:
             task = handle._task
             if task is not None:
                 self._tasks.discard(task)
+            if state.tags:
+                self._slots.release(handle)
 
 
 def _task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any],

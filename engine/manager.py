@@ -86,7 +86,7 @@ class StateManager(FastPaths, EventSource, Waiting):
         self.shutdown_grace = float(shutdown_grace)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue = StateQueue()
-        self._slots = TagSlots(check_limits(limits), self._requeue)
+        self._slots = TagSlots(check_limits(limits), self._granted)
         self._init_waiting()
         self._books = Books(len(StateStatus))  # counts, running set, join and put waiters
         self._books.idle = IdleWatch(self._books, self._queue)
@@ -316,6 +316,8 @@ class StateManager(FastPaths, EventSource, Waiting):
                     continue
                 state = handle.state
                 if fast and self._plain(state):
+                    if state.tags and not self._slots_ready(handle):
+                        continue  # parked until its tags have room
                     ex = self._executors.get(state._executor)
                     if ex is None:
                         ex = self._try_executor_for(state)

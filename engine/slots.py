@@ -11,7 +11,7 @@ each of its tags, so that a slot freed in any of them looks at it again.
 
 from __future__ import annotations
 
-import bisect
+import heapq
 import itertools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .handle import StateHandle
 
-__all__ = ["TagSlots", "check_limits"]
+__all__ = ["SlotGuard", "TagSlots", "check_limits"]
 
 
 def check_limits(limits: Any) -> dict[str, int | None]:
@@ -58,7 +58,7 @@ class TagSlots:
         self.limits = limits
         self.running: dict[str, int] = {}
         self.held: set[StateHandle] = set()  # handles holding their slots now
-        # tag -> sorted [(-priority, arrival, id, handle)] of handles waiting for its slots
+        # tag -> heap [(-priority, arrival, id, handle)] of handles waiting for its slots
         self.waiters: dict[str, list[tuple[int, int, int, StateHandle]]] = {}
         self._tickets: dict[StateHandle, int] = {}  # waiter -> its arrival (entries valid)
         self._grant = grant  # called with a waiter that took its slots
@@ -91,8 +91,13 @@ class TagSlots:
             return False  # already in line
         arrival = self._tickets[handle] = next(self._seq)
         entry = (-handle.state.priority, arrival, id(handle), handle)
+        waiters = self.waiters
         for tag in tags:  # in every line, so that a slot freed in any of them wakes it
-            bisect.insort(self.waiters.setdefault(tag, []), entry)
+            line = waiters.get(tag)
+            if line is None:
+                waiters[tag] = [entry]
+            else:
+                heapq.heappush(line, entry)
         return False
 
     def release(self, handle: StateHandle) -> None:
@@ -101,10 +106,12 @@ class TagSlots:
             return
         self.held.discard(handle)
         running = self.running
-        for tag in handle.state.tags:
+        tags = handle.state.tags
+        for tag in tags:
             running[tag] -= 1
-        for tag in handle.state.tags:
-            if tag in self.waiters:
+        waiters, limits = self.waiters, self.limits
+        for tag in tags:
+            if tag in waiters and limits.get(tag) is not None:  # a label's slot helps nobody
                 self._wake(tag)
 
     def set_limit(self, tag: str, limit: int | None) -> None:
@@ -112,13 +119,19 @@ class TagSlots:
         self._wake(tag)
 
     def _wake(self, tag: str) -> None:
+        """Walk ``tag``'s line in order while ``tag`` has room: every waiter whose tags all have
+        room takes them; the others stay in line."""
         line = self.waiters.get(tag)
         if not line:
             return
-        keep: list[tuple[int, int, int, StateHandle]] = []
+        limit = self.limits.get(tag)
+        running, tickets = self.running, self._tickets
+        skipped: list[tuple[int, int, int, StateHandle]] = []
         granted: list[StateHandle] = []
-        tickets = self._tickets
-        for entry in line:
+        while line:
+            if limit is not None and running.get(tag, 0) >= limit:
+                break  # every waiter of this line needs this tag: none can start now
+            entry = heapq.heappop(line)
             handle = entry[3]
             if tickets.get(handle) != entry[1]:
                 continue  # granted through another tag's line meanwhile
@@ -130,10 +143,10 @@ class TagSlots:
                 self._take(handle)
                 granted.append(handle)
             else:
-                keep.append(entry)
-        if keep:
-            self.waiters[tag] = keep
-        else:
+                skipped.append(entry)  # another of its tags is full
+        for entry in skipped:
+            heapq.heappush(line, entry)
+        if not line:
             del self.waiters[tag]
         for handle in granted:
             self._grant(handle)
@@ -152,3 +165,28 @@ class TagSlots:
         names = {*self.limits, *self.running, *self.waiters}
         return {tag: {"running": self.running.get(tag, 0), "waiting": self.waiting(tag),
                       "limit": self.limits.get(tag)} for tag in sorted(names)}
+
+
+class SlotGuard:
+    """A tagged state handed to an executor's ``submit`` (engine/fastpath.py): its slots go
+    back when the call ends (``on_done``) or is cancelled (``cancel``), as the task would."""
+
+    __slots__ = ("handle", "slots", "submitted")
+
+    def __init__(self, slots: TagSlots, handle: StateHandle) -> None:
+        self.slots = slots
+        self.handle = handle
+        self.submitted: Any = None
+
+    def on_done(self, ok: bool, value: Any) -> None:
+        try:
+            self.handle._conclude(ok, value)
+        finally:
+            self.slots.release(self.handle)
+
+    def cancel(self) -> bool:
+        self.slots.release(self.handle)
+        return bool(self.submitted.cancel())
+
+    def done(self) -> bool:
+        return bool(self.submitted.done())

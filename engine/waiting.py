@@ -20,6 +20,8 @@ from .handle import StateHandle, StateStatus
 from .log import logger, state_extra
 
 if TYPE_CHECKING:
+    from statepool.executors.base import Executor
+
     from .books import Books
     from .queue import StateQueue
     from .slots import TagSlots
@@ -39,12 +41,27 @@ class Waiting:
     _queue: StateQueue
     _slots: TagSlots
     _wakeup: asyncio.Future[None] | None
+    _main_task: asyncio.Task[None] | None
+    _stop_requested: bool
+    _executors: dict[str, Executor]
+
+    if TYPE_CHECKING:
+        @staticmethod
+        def _plain(state: State) -> bool: ...
+
+        def _fast_paths_now(self) -> bool: ...
+
+        def _start_plain(self, handle: StateHandle, state: State,
+                         eager: bool) -> asyncio.Task[Any] | None: ...
+
+        def _start_submitted(self, handle: StateHandle, state: State, ex: Executor) -> bool: ...
 
     def _init_waiting(self) -> None:
         self._ready: set[StateHandle] = set()  # parked states back in the queue
         self._parked: weakref.WeakSet[StateHandle] = weakref.WeakSet()
         self._stash: dict[StateHandle, Arguments] = {}  # resolved lazy args of a parked state
         self._resumers: dict[StateHandle, asyncio.Future[None]] = {}  # enter_state()'s states
+        self._granting = False  # inside a direct start of a state that took its slots
 
     # -- checks at put ---------------------------------------------------------------------
 
@@ -86,6 +103,33 @@ class Waiting:
         self._ready.add(handle)
         self._queue.push_front(handle)
         self._wake_main()
+
+    def _granted(self, handle: StateHandle) -> None:
+        """``handle`` took the slots it waited for. A plain blocking state that can take a fast
+        path starts at once, from here (no turn of the main loop: a freed slot is used as soon as
+        the state holding it ends); any other goes back to the front of the queue."""
+        if self._granting or not self._direct(handle):
+            self._requeue(handle)
+
+    def _direct(self, handle: StateHandle) -> bool:
+        state = handle.state
+        if not state.is_blocking or self._main_task is None or self._stop_requested \
+                or handle in self._resumers or handle.status.terminal \
+                or not self._plain(state) or not self._fast_paths_now():
+            return False
+        ex = self._executors.get(state._executor)
+        if ex is None:
+            return False
+        self._granting = True  # a state that ends at once, granting the next: no recursion
+        try:
+            if ex.runs_on_loop and state._is_coro:
+                self._start_plain(handle, state, False)
+            elif not self._start_submitted(handle, state, ex):
+                return False
+        finally:
+            self._granting = False
+        self._parked.discard(handle)
+        return True
 
     def _park(self, handle: StateHandle) -> None:
         self._slots.release(handle)
