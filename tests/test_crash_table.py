@@ -139,3 +139,30 @@ async def test_crash_table(ex_name: str, stage: str, kind: str) -> None:
 async def _ended(handle: Any) -> None:
     while not handle.done():
         await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("ex_name", ["process", "aioprocess"])
+async def test_a_remote_traceback_through_code_carried_by_value_keeps_file_and_line(
+        ex_name: str) -> None:
+    """cloudpickle writes ``<dynamic-code>`` as the file of code it carries by value (a
+    function of ``__main__``, a lambda); loky's traceback shows the file and the line."""
+    import inspect
+
+    from statepool.executors._wire.remote import RemoteTraceback
+
+    def by_value(x: int) -> None:  # a local function: cloudpickle carries it by value
+        raise ValueError(f"by value {x}")
+
+    async def by_value_async(x: int) -> None:
+        raise ValueError(f"by value {x}")
+
+    fn: Any = by_value_async if ex_name == "aioprocess" else by_value
+    line = inspect.getsourcelines(fn)[1] + 1
+    async with StateManager(executors={ex_name: executor(ex_name)}) as manager:
+        handle = await manager.put_state(State("tb", fn, True, args=(1,), executor=ex_name))
+        with pytest.raises(ValueError, match="by value 1") as info:
+            await asyncio.wait_for(handle, DEADLINE_S)
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    assert f'File "{__file__}", line {line}, in {fn.__name__}' in cause.tb, cause.tb
+    assert "<dynamic-code>" not in cause.tb

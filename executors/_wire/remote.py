@@ -20,9 +20,13 @@ so that the event loop thread never pickles a large payload.
 
 from __future__ import annotations
 
+import collections
 import inspect
+import io
+import marshal
 import pickle
 import traceback
+import types
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -43,7 +47,9 @@ __all__ = [
     "INLINE_DUMPS_LIMIT",
     "INLINE_LOADS_LIMIT",
     "OffLoop",
+    "Pickler",
     "RemoteTraceback",
+    "cloud_dumps",
     "dumps_call",
     "dumps_call_small",
     "dumps_error",
@@ -84,9 +90,30 @@ def type_name(obj: object) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _reduce_code(code: types.CodeType) -> tuple[Any, ...]:
+    return marshal.loads, (marshal.dumps(code),)
+
+
+class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle's pickler, but code carried by value keeps its file name and line numbers
+    (cloudpickle writes ``<dynamic-code>``): a worker's traceback through a function of
+    ``__main__`` shows where it is, as loky's does. Code travels as ``marshal`` data, which
+    keeps every field; parent and workers run the same interpreter."""
+
+    dispatch_table = collections.ChainMap({types.CodeType: _reduce_code},
+                                          cloudpickle.Pickler.dispatch_table)
+
+
+def cloud_dumps(obj: object, protocol: int = pickle.HIGHEST_PROTOCOL,
+                buffer_callback: Callable[[pickle.PickleBuffer], bool] | None = None) -> bytes:
+    """``cloudpickle.dumps`` with :class:`Pickler`."""
+    with io.BytesIO() as file:
+        Pickler(file, protocol=protocol, buffer_callback=buffer_callback).dump(obj)
+        return file.getvalue()
+
+
 def _dumps(obj: object) -> bytes:
-    data: bytes = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return data
+    return cloud_dumps(obj)
 
 
 # -- parent side: the call ------------------------------------------------------------------
@@ -100,9 +127,8 @@ def dumps_call(call: PreparedCall, parts: tuple[Any, ...] | None = None,
     try:
         if parts is None and buffer_callback is None:
             return _name(call) + _dumps((call.fn, call.args, call.kwargs))
-        data: bytes = cloudpickle.dumps(
-            (call.fn, call.args, call.kwargs) if parts is None else parts,
-            protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=buffer_callback)
+        data = cloud_dumps((call.fn, call.args, call.kwargs) if parts is None else parts,
+                           buffer_callback=buffer_callback)
         return _name(call) + data
     except BaseException as exc:  # a __reduce__ may raise anything, sys.exit() included
         raise unpicklable_call(call, exc) from exc
@@ -164,7 +190,7 @@ def dumps_call_small(call: PreparedCall, limit: int = INLINE_DUMPS_LIMIT) -> byt
     buffer = _CappedBuffer(limit)
     try:
         buffer.write(_name(call))
-        pickler = cloudpickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+        pickler = Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
         pickler.dump((call.fn, call.args, call.kwargs))
     except _TooBig:
         return None
@@ -304,8 +330,7 @@ def dumps_result(state_name: str, result: object,
     except BaseException as exc:  # a __reduce__ that calls sys.exit(): the state fails
         return _unpicklable_result(state_name, result, exc, buffers)
     try:
-        data: bytes = cloudpickle.dumps((_OK, result), protocol=pickle.HIGHEST_PROTOCOL,
-                                        buffer_callback=keep_out)
+        data = cloud_dumps((_OK, result), buffer_callback=keep_out)
         return data
     except BaseException as exc:  # whatever a __reduce__ raises only fails the state
         return _unpicklable_result(state_name, result, exc, buffers)

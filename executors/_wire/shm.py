@@ -25,10 +25,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import cloudpickle
-
 from ..base import PreparedCall
-from .remote import INLINE_DUMPS_LIMIT, dumps_call, dumps_error, loads_outcome
+from .remote import INLINE_DUMPS_LIMIT, Pickler, dumps_call, dumps_error, loads_outcome
 
 __all__ = ["OOB_MIN", "Packed", "dumps_call_out", "keep_out", "load_outcome", "map_buffers",
            "meta_path", "pack", "release", "write_buffers", "write_out"]
@@ -148,7 +146,7 @@ def pack(calls: Sequence[PreparedCall], *, inline: bool) -> Packed | None:
 def _pack(items: list[Any], inline: bool) -> Packed:
     buffers: list[pickle.PickleBuffer] = []
     sink: Any = _Capped(INLINE_DUMPS_LIMIT) if inline else io.BytesIO()
-    cloudpickle.Pickler(sink, protocol=5, buffer_callback=keep_out(buffers)).dump(items)
+    Pickler(sink, protocol=5, buffer_callback=keep_out(buffers)).dump(items)
     body = b"".join(sink.parts) if inline else sink.getvalue()
     return Packed(body, buffers)
 
