@@ -566,3 +566,11 @@ async def test_stop_cancels_states_queued_at_every_priority() -> None:
     m.signal_stopping()
     await m.process_states()
     assert all(h.status is StateStatus.CANCELLED for h in hs)
+
+
+async def test_the_rate_limited_example_runs() -> None:
+    import runpy
+
+    example = pathlib.Path(__file__).resolve().parent.parent / "examples" / "rate_limited.py"
+    namespace = runpy.run_path(str(example))
+    assert await namespace["main"]() == sum(range(10))
