@@ -341,3 +341,4 @@ async def test_cheap_process_states_get_one_warning(caplog: pytest.LogCaptureFix
     assert len(hints) == 1
     assert "state 'tiny' (identity) ran" in hints[0].getMessage()
     assert "chunksize" in hints[0].getMessage()
+

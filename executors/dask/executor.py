@@ -293,7 +293,8 @@ class DaskExecutor(Executor):
         call.started()
         try:
             try:
-                return await fut
+                call.worker, call.ran_s, result = await fut  # see task_function
+                return result
             except asyncio.CancelledError:
                 # the state was cancelled or timed out: stop the task, whatever comes next
                 await asyncio.shield(asyncio.ensure_future(self._stop(client, fut, call)))

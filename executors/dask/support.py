@@ -87,6 +87,15 @@ def _exit_killing_descendants(real: Callable[[int], Any]) -> Callable[[int], Any
     return _exit
 
 
+def _address() -> str | None:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except Exception:  # not in a worker (a test calling the function here)
+        return None
+
+
 def task_function(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The function submitted to Dask for ``fn``: it runs there, in a worker thread.
 
@@ -94,14 +103,17 @@ def task_function(fn: Callable[..., Any]) -> Callable[..., Any]:
     that blocks does not stall the worker's event loop (Dask's native async tasks share that loop
     with the worker's heartbeats). ``SystemExit`` and ``KeyboardInterrupt`` come back as a marked
     ``RuntimeError`` instead of taking the worker down (which Dask does, slowly, and then runs
-    the task again elsewhere).
+    the task again elsewhere). It answers ``(worker address, seconds it ran, result)``: where
+    it ran and for how long, for the state's events and timings.
     """
     mark = _EXIT_MARK
 
     def statepool_task(*args: Any, **kwargs: Any) -> Any:
         import asyncio
         import inspect
+        import time
 
+        began = time.perf_counter()
         try:
             result = fn(*args, **kwargs)
             if inspect.isawaitable(result):
@@ -111,7 +123,7 @@ def task_function(fn: Callable[..., Any]) -> Callable[..., Any]:
                     return await awaitable
 
                 result = asyncio.run(wait())
-            return result
+            return _address(), time.perf_counter() - began, result
         except (SystemExit, KeyboardInterrupt) as exc:
             code = exc.code if isinstance(exc, SystemExit) else None
             raise RuntimeError(mark, type(exc).__name__, code) from None
