@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import pathlib
@@ -550,3 +551,26 @@ async def test_manager_dependencies_on_dask() -> None:
         await m.join()
     err = c.exception()
     assert isinstance(err, DependencyError) and isinstance(err.__cause__, TypeError)
+
+
+def stamp(path: str, name: str) -> str:
+    """Appends ``name start end`` (monotonic, one clock per machine) to ``path``."""
+    start = time.monotonic()
+    time.sleep(0.05)
+    with open(path, "a") as f:
+        f.write(f"{name} {start!r} {time.monotonic()!r}\n")
+    return name
+
+
+async def test_manager_tags_and_priorities_on_dask(tmp_path: pathlib.Path) -> None:
+    log = str(tmp_path / "log")
+    ex = DaskExecutor(n_workers=2)
+    async with StateManager(executors={"dask": ex}, limits={"one": 1}) as m:
+        handles = await m.put_states([
+            State(f"s{i}", stamp, True, executor="dask", args=(log, f"s{i}"), tags=("one",),
+                  priority=i % 2) for i in range(4)])
+        assert [await h for h in handles] == ["s0", "s1", "s2", "s3"]
+    rows = [line.split() for line in pathlib.Path(log).read_text().splitlines()]
+    spans = sorted((float(a), float(b)) for _, a, b in rows)
+    assert all(end <= nxt for (_, end), (nxt, _) in itertools.pairwise(spans))
+    assert [r[0] for r in rows] == ["s1", "s3", "s0", "s2"]  # priority 1 first, FIFO after
