@@ -1,8 +1,10 @@
 """Scheduling: what tags, limits and priorities cost.
 
 * dispatch with a tag: trivial inline and thread states (as the dispatch suite puts them), all
-  holding one tag limited to the pool size, against the same states without a tag; repetitions
-  interleaved so that drift hits both;
+  holding one tag limited to the pool size, then to more than the batch (the tag's bookkeeping
+  alone), against the same states without a tag; repetitions interleaved so that drift hits all
+  three. With the limit at the pool size at most that many states are in flight, so each turn of
+  the loop starts that many; untagged states go to the pool all at once;
 * priority put cost: ``put_states`` of states of mixed priorities (a third each at 0, above and
   below it) onto a manager that does not run, per state, with 10,000 and with 100,000 queued:
   the heap's O(log n) shows as a ratio close to 1 (O(n) would be about 10x). The garbage
@@ -30,12 +32,15 @@ def scheduling_cases(cfg: Config) -> list[Case]:
     for executor in ("inline", "thread"):
         n = cfg.size(20_000 if executor == "inline" else 5_000, 500)
         subject = f"statepool {executor}"
-        tagged = f"{subject}, one tag limited to {cfg.workers}"
+        variants = [f"{subject}, one tag limited to {cfg.workers}",
+                    f"{subject}, one tag limited to {n:,} (never full)"]
         figs = [*templates("scheduling", subject, "baseline", None,
-                           [("dispatch", "calls/s", True)]),
-                *templates("scheduling", tagged, "statepool", subject,
                            [("dispatch", "calls/s", True)])]
-        cases.append(Case("scheduling", tagged, figs, _tagged(cfg, executor, n)))
+        for variant in variants:
+            figs += templates("scheduling", variant, "statepool", subject,
+                              [("dispatch", "calls/s", True)])
+        cases.append(Case("scheduling", f"{subject} with tags", figs,
+                          _tagged(cfg, executor, n)))
     small, large = cfg.size(10_000, 1_000), cfg.size(100_000, 10_000)
     base = f"statepool put, {small:,} mixed priorities"
     figs = [*templates("scheduling", base, "baseline", None, [("put cost", "us/state", False)]),
@@ -56,26 +61,27 @@ def _tagged(cfg: Config, executor: str, n: int) -> Runner:
     async def run(figs: list[Figure]) -> None:
         from statepool.engine import StateManager
 
-        reps: dict[bool, list[float]] = {False: [], True: []}
-        manager = StateManager(executors={executor: make_executor(executor, cfg.workers)},
-                               limits={_TAG: cfg.workers})
+        limits = (None, cfg.workers, n)  # no tag; the pool size; a limit never reached
+        reps: dict[int | None, list[float]] = {limit: [] for limit in limits}
+        manager = StateManager(executors={executor: make_executor(executor, cfg.workers)})
         async with manager:
             async def once() -> None:
-                for tagged in (False, True):
-                    states = _states(executor, n, (_TAG,) if tagged else ())
+                for limit in limits:
+                    if limit is not None:
+                        manager.set_limit(_TAG, limit)
+                    states = _states(executor, n, () if limit is None else (_TAG,))
                     gc.collect()
                     t0 = now()
                     handles = await manager.put_states(states)
                     await manager.join()
-                    reps[tagged].append(n / (now() - t0))
+                    reps[limit].append(n / (now() - t0))
                     if any(h.exception() is not None for h in handles):
                         raise RuntimeError(f"scheduling: a {executor} state failed")
 
             await repeat(cfg, once)
-        for fig, tagged in zip(figs, (False, True), strict=True):
-            fig.repetitions = reps[tagged][cfg.warmup:]
-            fig.params = {"calls_per_repetition": n, "limit": cfg.workers if tagged else None,
-                          "interleaved": True}
+        for fig, limit in zip(figs, limits, strict=True):
+            fig.repetitions = reps[limit][cfg.warmup:]
+            fig.params = {"calls_per_repetition": n, "limit": limit, "interleaved": True}
 
     return run
 
