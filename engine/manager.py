@@ -101,6 +101,7 @@ class StateManager(FastPaths, EventSource, Waiting):
         self.warn_after = check_seconds("StateManager", "warn_after", warn_after)
         self._stalls = StallWatch(self._books, self.warn_after, self._executor_of)
         self._warned_in_line: set[str] = set()  # functions warned of (see _check_in_line)
+        self._start_waiters: dict[StateHandle, asyncio.Future[None]] = {}  # _until_started
 
     # -- the singleton -----------------------------------------------------------------------
 
@@ -368,6 +369,26 @@ class StateManager(FastPaths, EventSource, Waiting):
             if self._queue:
                 self._check_in_line(handle.state)
             await self._await_own(task, handle)
+        elif event is not None:
+            await self._until_started(handle, task)
+
+    async def _until_started(self, handle: StateHandle, task: asyncio.Task[Any]) -> None:
+        """A gated blocking state holds the queue until its executor has really started it
+        (a thread or a worker picked it up), so that the states behind it start after it
+        (SPEC: ordered transitions), or until it ended without starting."""
+        if handle.started_at is not None or handle.done():
+            return
+        assert self._loop is not None
+        started = self._start_waiters[handle] = self._loop.create_future()
+        try:
+            await asyncio.wait([started, task], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._start_waiters.pop(handle, None)
+
+    def _started_now(self, handle: StateHandle) -> None:
+        waiter = self._start_waiters.pop(handle, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _check_in_line(self, state: State) -> None:
         """The trap of ``is_blocking=False`` on a pool: warn, once per function, when a state
@@ -487,6 +508,8 @@ class StateManager(FastPaths, EventSource, Waiting):
                             handle.started_at = loop.time()
                             if books.hub is not None:
                                 books.hub.started(handle)
+                            if self._start_waiters:
+                                self._started_now(handle)
                         else:
                             self._on_start(handle, attempt)
                         result = state.func(*args, **kwargs)
@@ -576,6 +599,8 @@ class StateManager(FastPaths, EventSource, Waiting):
         hub = self._books.hub
         if hub is not None:
             hub.started(handle)
+        if self._start_waiters:
+            self._started_now(handle)
         timeout = handle.state.timeout
         if timeout is not None and handle.attempts == attempt and not handle.done():
             handle._timer = loop.call_later(timeout, self._time_out, handle, attempt)
@@ -658,6 +683,8 @@ class StateManager(FastPaths, EventSource, Waiting):
         current = self._current
         if current is not None:
             current.cancel()
+        for handle in list(self._start_waiters):  # the main loop waits no more (_until_started)
+            self._started_now(handle)
         self._books.wake_producers()
         if self._main_task is None and not self._stopped:
             self._bg_task = self._spawn(self._shutdown(), None)

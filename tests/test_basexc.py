@@ -152,3 +152,56 @@ def _noop(x: object) -> None:
 
 async def _noop_async(x: object) -> None:
     return None
+
+
+async def test_states_behind_a_gated_blocking_thread_state_start_after_it_started() -> None:
+    """SPEC: while a gated state waits, the queue holds; the states behind it start only after
+    it has started. A thread state starts when a thread picks it up, not when it is handed
+    to the pool: with the pool's only thread busy, the state behind waits for it."""
+    import threading as _threading
+
+    from statepool.executors import ThreadExecutor
+
+    release = _threading.Event()
+    gate = asyncio.Event()
+    pool = ThreadExecutor(max_workers=1, long_after=60)
+    try:
+        async with StateManager(executors={"thread": pool}) as m:
+            busy = await m.put_state(State("busy", release.wait, True, args=(10,)))
+            gated = await m.put_state(State("gated", lambda: "gated", True, event=gate))
+            behind = await m.put_state(State("behind", lambda: "behind"))
+            await asyncio.sleep(0.05)
+            gate.set()
+            await asyncio.sleep(0.2)
+            assert not behind.done()  # the gated state has not started: the queue holds
+            release.set()
+            assert await asyncio.wait_for(behind, DEADLINE_S) == "behind"
+            assert await asyncio.wait_for(gated, DEADLINE_S) == "gated"
+            await asyncio.wait_for(busy, DEADLINE_S)
+        assert gated.started_at is not None and behind.started_at is not None
+        assert gated.started_at <= behind.started_at
+    finally:
+        release.set()
+
+
+async def test_stop_while_a_gated_blocking_state_waits_for_a_thread_returns() -> None:
+    import threading as _threading
+
+    from statepool.executors import ThreadExecutor
+
+    release = _threading.Event()
+    pool = ThreadExecutor(max_workers=1, long_after=60, shutdown_grace=0.2)
+    gate = asyncio.Event()
+    gate.set()
+    try:
+        m = StateManager(executors={"thread": pool}, shutdown_grace=0.2)
+        main = asyncio.ensure_future(m.process_states())
+        await m.put_state(State("busy", release.wait, True, args=(10,)))
+        gated = await m.put_state(State("gated", lambda: 1, True, event=gate, timeout=30.0))
+        await asyncio.sleep(0.1)
+        m.signal_stopping()
+        release.set()
+        await asyncio.wait_for(main, DEADLINE_S)
+        assert gated.done()
+    finally:
+        release.set()
