@@ -24,6 +24,7 @@ __all__ = [
     "Figure",
     "NotAvailable",
     "Runner",
+    "mode_templates",
     "now",
     "percentile",
     "repeat",
@@ -129,6 +130,15 @@ def templates(
                baseline=f"{suite}/{metric}/{baseline}" if baseline else None)
         for metric, unit, higher in metrics
     ]
+
+
+def mode_templates(suite: str, subject: str, modes: tuple[str, ...]) -> list[Figure]:
+    """Throughput figures of ``subject`` in each of ``modes``, the first one the baseline of
+    the others (the logging and events suites: modes interleaved within each repetition)."""
+    metric = [("throughput", "calls/s", True)]
+    return [*templates(suite, f"{subject}, {modes[0]}", "baseline", None, metric),
+            *[fig for mode in modes[1:] for fig in templates(
+                suite, f"{subject}, {mode}", "statepool", f"{subject}, {modes[0]}", metric)]]
 
 
 def percentile(samples: list[float], q: float) -> float:

@@ -20,7 +20,7 @@ import tempfile
 from typing import Any
 
 from .cases import StatepoolBackend, make_executor
-from .harness import Case, Config, Figure, Runner, now, repeat, templates
+from .harness import Case, Config, Figure, Runner, mode_templates, now, repeat, templates
 
 __all__ = ["TIMELINES", "events_cases", "write_timelines"]
 
@@ -32,13 +32,7 @@ TIMELINES: list[tuple[str, list[Any]]] = []
 def events_cases(cfg: Config) -> list[Case]:
     n = cfg.size(20_000, 1_000)
     subject = "statepool inline"
-    figs = [
-        *templates("events", f"{subject}, {_MODES[0]}", "baseline", None,
-                   [("throughput", "calls/s", True)]),
-        *[fig for mode in _MODES[1:] for fig in templates(
-            "events", f"{subject}, {mode}", "statepool", f"{subject}, {_MODES[0]}",
-            [("throughput", "calls/s", True)])],
-    ]
+    figs = mode_templates("events", subject, _MODES)
     pipeline = templates("events", "a small pipeline, recorded", "statepool", None,
                          [("wall time", "s", False)])
     return [Case("events", subject, figs, _overhead(cfg, n)),

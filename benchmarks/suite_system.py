@@ -24,7 +24,17 @@ import psutil
 
 from .baselines import Backend
 from .cases import StatepoolBackend, rows
-from .harness import Case, Config, Figure, NotAvailable, Runner, now, repeat, templates
+from .harness import (
+    Case,
+    Config,
+    Figure,
+    NotAvailable,
+    Runner,
+    mode_templates,
+    now,
+    repeat,
+    templates,
+)
 from .noise import descendants
 
 __all__ = ["coldstart_cases", "logging_cases", "memory_cases"]
@@ -187,13 +197,7 @@ _LOG_MODES = ("logging disabled", "engine logger at INFO", "engine logger at DEB
 def logging_cases(cfg: Config) -> list[Case]:
     n = cfg.size(20_000, 1_000)
     subject = "statepool inline"
-    figs = [
-        *templates("logging", f"{subject}, {_LOG_MODES[0]}", "baseline", None,
-                   [("throughput", "calls/s", True)]),
-        *[fig for mode in _LOG_MODES[1:] for fig in templates(
-            "logging", f"{subject}, {mode}", "statepool", f"{subject}, {_LOG_MODES[0]}",
-            [("throughput", "calls/s", True)])],
-    ]
+    figs = mode_templates("logging", subject, _LOG_MODES)
     return [Case("logging", subject, figs, _logging(cfg, n))]
 
 

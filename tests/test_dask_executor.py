@@ -574,3 +574,26 @@ async def test_manager_tags_and_priorities_on_dask(tmp_path: pathlib.Path) -> No
     spans = sorted((float(a), float(b)) for _, a, b in rows)
     assert all(end <= nxt for (_, end), (nxt, _) in itertools.pairwise(spans))
     assert [r[0] for r in rows] == ["s1", "s3", "s0", "s2"]  # priority 1 first, FIFO after
+
+
+async def test_events_name_the_dask_worker_in_order() -> None:
+    """Issue 13: a Dask state's events come in order and name the worker's address."""
+    from statepool.engine import StateEvent
+
+    events: list[StateEvent] = []
+    async with StateManager(executors={"dask": DaskExecutor(n_workers=1)}) as m:
+        m.add_listener(events.append)
+        ok = await m.put_state(State("ok", add, True, args=(1, 2), executor="dask"))
+        bad = await m.put_state(State("bad", raise_value_error, True, args=("no",),
+                                      executor="dask", retries=1))
+        assert await asyncio.wait_for(ok, 60) == 3
+        with pytest.raises(ValueError):
+            await asyncio.wait_for(bad, 60)
+    kinds: dict[str, list[str]] = {}
+    for event in events:
+        kinds.setdefault(event.name, []).append(event.kind)
+    assert kinds == {"ok": ["queued", "started", "succeeded"],
+                     "bad": ["queued", "started", "retrying", "started", "failed"]}
+    end = next(e for e in events if e.name == "ok" and e.kind == "succeeded")
+    assert isinstance(end.worker, str) and "://" in end.worker  # the Dask worker's address
+    assert ok.timings["running"] > 0.0
