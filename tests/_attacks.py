@@ -216,3 +216,19 @@ class ExitsOnDel:
 
 def answer_holding(x: int, held: object) -> int:
     return x
+
+
+def lower_rlimit_as(nbytes: int) -> int:
+    """Lower this worker's address-space limit (a state that changes its worker's process
+    state); answers the PID."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    resource.setrlimit(resource.RLIMIT_AS, (nbytes, hard))
+    return os.getpid()
+
+
+def rlimit_as() -> tuple[int, int]:
+    import resource
+
+    return os.getpid(), resource.getrlimit(resource.RLIMIT_AS)[0]

@@ -355,3 +355,24 @@ def test_dask_workers_statepool_started_die_with_the_parent_and_speak_tls(
         if path.exists():
             with __import__("contextlib").suppress(ProcessLookupError, ValueError):
                 os.kill(int(path.read_text()), signal.SIGKILL)
+
+
+async def test_a_state_that_changes_its_worker_changes_it_for_later_states_unless_recycled(
+        ) -> None:
+    """The rule docs/process.md states: nothing is restored between calls;
+    ``max_tasks_per_worker=1`` gives every call a fresh worker."""
+    import resource
+
+    limit = 4 << 30
+    for recycle, changed in ((None, True), (1, False)):
+        ex = LokyExecutor(1, max_tasks_per_worker=recycle)
+        async with StateManager(executors={"process": ex}) as m:
+            first = await asyncio.wait_for(await m.put_state(State(
+                "lower", _attacks.lower_rlimit_as, True, args=(limit,), executor="process")),
+                DEADLINE_S)
+            pid, soft = await asyncio.wait_for(await m.put_state(State(
+                "later", _attacks.rlimit_as, True, executor="process")), DEADLINE_S)
+        assert (pid == first) is changed
+        assert (soft == limit) is changed
+        if not changed:
+            assert soft == resource.getrlimit(resource.RLIMIT_AS)[0]
