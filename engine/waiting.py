@@ -92,7 +92,8 @@ class Waiting:
         """A parked state may go on: back to the front of the queue (or to its enter_state)."""
         handle._timer = None
         self._parked.discard(handle)
-        if handle.status.terminal:
+        if handle.status.terminal or self._stop_requested:  # at stop: it never starts
+            handle.cancel()
             self._slots.forget(handle)
             return
         resumer = self._resumers.pop(handle, None)

@@ -574,3 +574,20 @@ async def test_the_rate_limited_example_runs() -> None:
     example = pathlib.Path(__file__).resolve().parent.parent / "examples" / "rate_limited.py"
     namespace = runpy.run_path(str(example))
     assert await namespace["main"]() == sum(range(10))
+
+
+async def test_states_granted_a_slot_while_the_manager_stops_end_cancelled() -> None:
+    release = threading.Event()
+
+    def hold() -> None:
+        release.wait(5)
+
+    async with StateManager(limits={"t": 1}) as m:
+        holder = await m.put_state(State("holder", hold, True, executor="thread", tags=("t",)))
+        waiters = await m.put_states([State(f"w{i}", lambda: 0, tags=("t",)) for i in range(3)])
+        await asyncio.sleep(0.01)
+        m.signal_stopping()
+        release.set()
+    assert holder.status is StateStatus.CANCELLED
+    assert all(w.status is StateStatus.CANCELLED for w in waiters)
+    assert m.stats()["by_status"]["WAITING"] == 0
