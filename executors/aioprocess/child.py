@@ -208,7 +208,10 @@ def _report(outbox: _Outbox, tasks: dict[int, asyncio.Task[tuple[int, bytes]]], 
     if task.cancelled():
         outbox.send(frame(CANCELLED, tid))
     else:
-        kind, body = task.result()
+        try:
+            kind, body = task.result()
+        except BaseException as exc:  # a bug of ours: answer anyway, or the state would hang
+            kind, body = DONE, dumps_error("?", exc)
         outbox.send(frame(kind, tid, body))
 
 
