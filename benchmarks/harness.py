@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 SUITES = ("dispatch", "latency", "cpu", "payload", "coldstart", "memory", "logging", "events",
-          "scheduling")
+          "scheduling", "pipeline")
 
 T = TypeVar("T")
 Runner = Callable[[list["Figure"]], Awaitable[None]]

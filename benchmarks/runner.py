@@ -25,6 +25,7 @@ from .noise import Noise, NoiseMeter, descendants
 from .report import console, link_baselines, print_report, write_json
 from .suite_calls import dispatch_cases, latency_cases
 from .suite_events import events_cases, write_timelines
+from .suite_pipeline import pipeline_cases
 from .suite_sched import scheduling_cases
 from .suite_system import coldstart_cases, logging_cases, memory_cases
 from .suite_work import cpu_cases, payload_cases
@@ -42,6 +43,7 @@ SUITE_CASES: dict[str, Callable[[Config], list[Case]]] = {
     "logging": logging_cases,
     "events": events_cases,
     "scheduling": scheduling_cases,
+    "pipeline": pipeline_cases,
 }
 _SHM = "/dev/shm"
 

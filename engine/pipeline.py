@@ -9,7 +9,9 @@ input order or as they complete. What it keeps bounded:
   most ``MAX_CHUNK`` items. A generator of ten million items runs in memory that does not grow.
 * **Chunks.** With ``chunksize=None`` the first calls carry one item each; each call measures, in
   the worker, the seconds its items took (engine/chunk.py), and later calls carry as many items
-  as fit in ``TARGET_S`` of work (growing at most ``GROWTH``-fold a step, up to ``MAX_CHUNK``):
+  as fit in ``TARGET_S`` of work (growing at most ``GROWTH``-fold a step, up to ``MAX_CHUNK``;
+  near the end of an input that knows its length, no more than a share of what is left for
+  each worker, so that the last calls end together):
   fast items travel and run many to a call, slow ones alone. Each item keeps its own result and
   error: an item that raises inside a call is retried alone (its ``retries`` less one); a call that
   fails as a whole (a crash of its worker, its timeout, a result that cannot be pickled) is run
@@ -28,6 +30,7 @@ import collections
 import dataclasses
 import functools
 import itertools
+import operator
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CALLS_PER_WORKER", "MAX_CHUNK", "TARGET_S", "Mapper"]
 
-TARGET_S = 0.02  # seconds of work a chunk of fast items aims at (measured in the worker)
+TARGET_S = 0.05  # seconds of work a chunk of fast items aims at (measured in the worker)
 MAX_CHUNK = 4096  # items in one call at most (automatic chunking)
 GROWTH = 4  # a chunk is at most this many times the largest one measured so far
 CALLS_PER_WORKER = 3  # calls put, running or waiting to be yielded, per worker (no window)
@@ -276,11 +279,28 @@ class Mapper:
         if per_item is None:
             return 1
         size = int(TARGET_S / max(per_item, 1e-7))
+        if self._iter is not None:  # near the end of a sized input: a share for each worker
+            left = operator.length_hint(self._iter, 0)
+            if left:
+                size = min(size, -(-left // (2 * self._probes)))
         return max(1, min(size, self._largest * GROWTH, self._chunk_cap))
 
     async def _put(self, start: int, items: list[Any]) -> None:
         call = _Call(start, items)
         n = len(items)
+        if any(type(item) is StateHandle for item in items):
+            # handles are dependencies (State: after): each such item runs alone, when its
+            # handle has succeeded, with the handle's result as its argument
+            self._calls_out += 1
+            self._items_out += n
+            if self._ordered:
+                self._calls.append(call)
+            for offset in range(n):
+                self._alone(call, offset, self._retries, self._timeout)
+            if call.handles == 0:
+                call.handles = 1
+                self._one_less(call)
+            return
         runner: Callable[..., Any] = map_chunk_async if self._coro else map_chunk
         timeout = None if self._timeout is None else self._timeout * n
         end = f"{start}" if n == 1 else f"{start}:{start + n}"
@@ -361,7 +381,9 @@ class Mapper:
                       timeout=timeout, **self._options)
         try:
             self._manager._check_state(state)
-        except ManagerStoppedError as exc:
+            if state._deps:  # a handle item: a dependency (of this manager only)
+                self._manager._check_dependencies(state)
+        except (ManagerStoppedError, ValueError) as exc:
             self._final_error(call, offset, exc)
             return
         handle = self._manager._enqueue(state)

@@ -380,3 +380,18 @@ def test_run_map_from_synchronous_code() -> None:
 async def test_run_map_inside_a_running_loop_is_a_runtime_error_naming_manager_map() -> None:
     with pytest.raises(RuntimeError, match=r"manager\.map"):
         run_map(_inc, range(3))
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+async def test_map_over_handles_waits_for_each_and_takes_its_result(executor: str) -> None:
+    from statepool.engine import DependencyError
+
+    async with StateManager(executors=map_executors(executor)) as manager:
+        first = await manager.put_states(
+            [State(f"first {i}", _odd_fails, True, args=(i,), executor=executor)
+             for i in range(6)])
+        got = [r async for r in manager.map(_inc, first, executor=executor,
+                                            return_exceptions=True)]
+    assert got[0::2] == [1, 3, 5]
+    assert all(isinstance(r, DependencyError) for r in got[1::2])
+    assert "'first 1'" in str(got[1])
