@@ -13,6 +13,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from .handle import StateStatus
@@ -32,8 +33,8 @@ TERMINAL_KINDS = frozenset(KINDS[4:])
 _KIND = [status.value for status in StateStatus]  # by StateStatus.index
 
 
-class StateEvent:
-    """One step of one state's lifecycle.
+class StateEvent(tuple):  # type: ignore[type-arg]  # a record: (kind, handle, ...)
+    """One step of one state's lifecycle: a read-only record (a tuple, as a named tuple).
 
     ``kind`` (one of :data:`KINDS`), ``handle``, ``name`` (the state's), ``executor`` (its name),
     ``attempt`` (1-based; 0 before the first), ``worker`` (a PID for process executors, a thread
@@ -41,40 +42,41 @@ class StateEvent:
     (the manager loop's clock), ``error`` (the exception on ``"failed"`` and ``"retrying"``),
     ``delay`` (seconds before the next attempt, on ``"retrying"``), ``dropped`` (events this
     subscriber lost just before this one) and, on a terminal event, ``timings`` (the handle's).
+
+    The engine builds one per change of a state, so it is a tuple subclass (built in C, with
+    no ``__init__`` to run): ``StateEvent((kind, handle, attempt, worker, time, error, delay,
+    dropped))``.
     """
 
-    __slots__ = ("attempt", "delay", "dropped", "error", "handle", "kind", "time", "worker")
+    __slots__ = ()
 
-    def __init__(self, kind: str, handle: StateHandle, attempt: int, worker: int | str | None,
-                 time: float, error: BaseException | None = None, delay: float | None = None,
-                 dropped: int = 0) -> None:
-        self.kind = kind
-        self.handle = handle
-        self.attempt = attempt
-        self.worker = worker
-        self.time = time
-        self.error = error
-        self.delay = delay
-        self.dropped = dropped
+    kind: str = property(itemgetter(0))  # type: ignore[assignment]
+    handle: StateHandle = property(itemgetter(1))  # type: ignore[assignment]
+    attempt: int = property(itemgetter(2))  # type: ignore[assignment]
+    worker: int | str | None = property(itemgetter(3))  # type: ignore[assignment]
+    time: float = property(itemgetter(4))  # type: ignore[assignment]
+    error: BaseException | None = property(itemgetter(5))  # type: ignore[assignment]
+    delay: float | None = property(itemgetter(6))  # type: ignore[assignment]
+    dropped: int = property(itemgetter(7))  # type: ignore[assignment]
 
     @property
     def name(self) -> str:
-        return self.handle.state.name
+        return self[1].state.name  # type: ignore[no-any-return]
 
     @property
     def executor(self) -> str:
-        return self.handle._executor_name or self.handle.state.executor_name
+        handle = self[1]
+        return handle._executor_name or handle.state.executor_name  # type: ignore[no-any-return]
 
     @property
     def timings(self) -> dict[str, float] | None:
         """The handle's ``timings`` on a terminal event, else ``None``."""
-        if self.kind not in TERMINAL_KINDS:
+        if self[0] not in TERMINAL_KINDS:
             return None
-        return timings_of(self.handle, self.time)
+        return timings_of(self[1], self[4])
 
     def _with_dropped(self, dropped: int) -> StateEvent:
-        return StateEvent(self.kind, self.handle, self.attempt, self.worker, self.time,
-                          self.error, self.delay, dropped)
+        return StateEvent((*self[:7], dropped))
 
     def __repr__(self) -> str:
         extra = f" error={type(self.error).__name__}" if self.error is not None else ""
@@ -177,7 +179,7 @@ class EventHub:
     def queued(self, handles: Iterable[StateHandle]) -> None:
         calls = self.calls
         for handle in handles:
-            event = StateEvent("queued", handle, 0, None, handle.queued_at)
+            event = StateEvent(("queued", handle, 0, None, handle.queued_at, None, None, 0))
             for call in calls:
                 try:
                     call(event)
@@ -186,14 +188,15 @@ class EventHub:
                     calls = self.calls  # without it from the next event on
 
     def waiting(self, handle: StateHandle, now: float) -> None:
-        self.emit(StateEvent("waiting", handle, handle.attempts, None, now))
+        self.emit(StateEvent(("waiting", handle, handle.attempts, None, now, None, None, 0)))
 
     def started(self, handle: StateHandle) -> None:
         marks = handle._marks
         started = handle.started_at
-        event = StateEvent("started", handle, handle.attempts,
-                           marks.current_worker() if marks is not None else None,
-                           started if started is not None else self.books.clock())
+        event = StateEvent(("started", handle, handle.attempts,
+                            marks.current_worker() if marks is not None else None,
+                            started if started is not None else self.books.clock(),
+                            None, None, 0))
         for call in self.calls:
             try:
                 call(event)
@@ -201,16 +204,16 @@ class EventHub:
                 self._raised(call, event)
 
     def retrying(self, handle: StateHandle, error: BaseException, delay: float) -> None:
-        self.emit(StateEvent("retrying", handle, handle.attempts, worker_of(handle),
-                             self.books.clock(), error, delay))
+        self.emit(StateEvent(("retrying", handle, handle.attempts, worker_of(handle),
+                              self.books.clock(), error, delay, 0)))
 
     def ended(self, handle: StateHandle) -> None:
         marks = handle._marks
         finished = handle.finished_at
-        event = StateEvent(_KIND[handle.status.index], handle, handle.attempts,
-                           marks.worker if marks is not None else None,  # settled by now
-                           finished if finished is not None else self.books.clock(),
-                           handle._exception)
+        event = StateEvent((_KIND[handle.status.index], handle, handle.attempts,
+                            marks.worker if marks is not None else None,  # settled by now
+                            finished if finished is not None else self.books.clock(),
+                            handle._exception, None, 0))
         for call in self.calls:
             try:
                 call(event)
