@@ -33,6 +33,15 @@ async def coro_add(a: int, b: int) -> int:
     return a + b
 
 
+def after_event(event: asyncio.Event, value: Any) -> Any:
+    """A coroutine function that returns ``value`` once ``event`` is set."""
+    async def wait() -> Any:
+        await event.wait()
+        return value
+
+    return wait
+
+
 def test_dependency_error_is_exported_and_an_engine_error() -> None:
     assert engine_errors.DependencyError is DependencyError
     assert issubclass(DependencyError, engine_errors.EngineError)
@@ -85,13 +94,8 @@ async def test_handles_as_arguments_are_replaced_by_their_results() -> None:
 
 async def test_a_lazy_argument_that_returns_a_handle_makes_it_a_dependency() -> None:
     release = asyncio.Event()
-
-    async def late() -> int:
-        await release.wait()
-        return 7
-
     async with StateManager() as m:
-        a = await m.put_state(State("a", late, True))
+        a = await m.put_state(State("a", after_event(release, 7), True))
         calls: list[int] = []
 
         def give() -> Any:
@@ -201,12 +205,18 @@ async def test_a_queued_dependency_cancelled_before_it_ran() -> None:
     assert isinstance(b.exception(), DependencyError)
 
 
+async def parked_dependent(m: StateManager) -> tuple[Any, Any]:
+    """``a``, which runs until cancelled, and ``b``, parked waiting for it."""
+    a = await m.put_state(State("a", asyncio.Event().wait, True))
+    b = await m.put_state(State("b", double, args=(a,)))
+    await asyncio.sleep(0.01)
+    assert b.status is StateStatus.WAITING
+    return a, b
+
+
 async def test_cancelling_a_waiting_dependent_ends_it_at_once_and_frees_nothing() -> None:
-    never = asyncio.Event()
     async with StateManager() as m:
-        a = await m.put_state(State("a", never.wait, True))
-        b = await m.put_state(State("b", double, args=(a,)))
-        await asyncio.sleep(0.01)
+        a, b = await parked_dependent(m)
         assert b.cancel()
         assert b.status is StateStatus.CANCELLED
         a.cancel()
@@ -215,11 +225,8 @@ async def test_cancelling_a_waiting_dependent_ends_it_at_once_and_frees_nothing(
 
 
 async def test_waiting_dependents_end_cancelled_when_the_manager_stops() -> None:
-    never = asyncio.Event()
     async with StateManager() as m:
-        a = await m.put_state(State("a", never.wait, True))
-        b = await m.put_state(State("b", double, args=(a,)))
-        await asyncio.sleep(0.01)
+        a, b = await parked_dependent(m)
         m.signal_stopping()
     assert a.status is StateStatus.CANCELLED
     assert b.status in {StateStatus.CANCELLED, StateStatus.FAILED}
@@ -267,14 +274,8 @@ async def test_a_chain_a_thousand_deep_runs_without_a_recursion_limit() -> None:
 
 
 async def test_a_failure_at_the_root_of_a_thousand_deep_chain_reaches_its_end() -> None:
-    never = asyncio.Event()
-
-    async def root() -> int:
-        await never.wait()
-        return 0
-
     async with StateManager() as m:
-        handles = [await m.put_state(State("s0", root, True))]
+        handles = [await m.put_state(State("s0", after_event(asyncio.Event(), 0), True))]
         handles += await m.put_states([State(f"s{i}", operator.pos, after=(handles[0],))
                                        for i in range(1, 2)])
         for i in range(2, 1000):
@@ -293,12 +294,7 @@ async def test_enter_state_waits_for_its_dependencies() -> None:
     try:
         async with m:
             release = asyncio.Event()
-
-            async def late() -> int:
-                await release.wait()
-                return 4
-
-            a = await m.put_state(State("a", late, True))
+            a = await m.put_state(State("a", after_event(release, 4), True))
             waiter = asyncio.ensure_future(State("b", double, args=(a,)).enter_state())
             await asyncio.sleep(0.01)
             assert not waiter.done()

@@ -45,15 +45,19 @@ class Monitor:
                 self.running[tag] -= 1
 
 
+def work(name: str, seconds: float, fail: bool) -> str:
+    time.sleep(seconds)
+    if fail:
+        raise Boom(name)
+    return name
+
+
 def watched(mon: Monitor, name: str, tags: tuple[str, ...], seconds: float = 0.0,
             fail: bool = False) -> Any:
     def run() -> str:
         mon.start(name, tags)
         try:
-            time.sleep(seconds)
-            if fail:
-                raise Boom(name)
-            return name
+            return work(name, seconds, fail)
         finally:
             mon.end(tags)
 
@@ -315,10 +319,7 @@ async def test_limits_hold_across_executors(name: str, tmp_path: pathlib.Path) -
 def record_interval(path: str, name: str, seconds: float, fail: bool = False) -> str:
     start = time.monotonic()
     try:
-        time.sleep(seconds)
-        if fail:
-            raise Boom(name)
-        return name
+        return work(name, seconds, fail)
     finally:
         with open(path, "a") as f:
             f.write(f"{name} {start!r} {time.monotonic()!r}\n")
