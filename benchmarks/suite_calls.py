@@ -1,13 +1,15 @@
 """Dispatch and latency: trivial calls through each executor and each baseline.
 
 * dispatch: a batch of trivial calls put at once and run side by side (``is_blocking=True``
-  states, as ``gather`` does), in calls per second;
+  states, as ``gather`` does), in calls per second, and the CPU time this process spent per
+  call meanwhile (all its threads: the parent's cost of a call, what the workers do excluded);
 * latency: one call's round trip on a warm pool, one after another; the median and the p99 of
   each repetition's samples.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from .baselines import Backend
@@ -52,7 +54,8 @@ def dispatch_cases(cfg: Config) -> list[Case]:
     cases = []
     for label, factory, kind, base in rows(_BASELINES, _EXECUTORS, gather_row=True):
         n = _BATCH[label] if not cfg.quick else max(30, _BATCH[label] // 20)
-        figs = templates("dispatch", label, kind, base, [("throughput", "calls/s", True)])
+        figs = templates("dispatch", label, kind, base, [("throughput", "calls/s", True),
+                                                         ("parent CPU per call", "us", False)])
         cases.append(Case("dispatch", label, figs, _dispatch(cfg, factory, n)))
     return cases
 
@@ -61,17 +64,20 @@ def _dispatch(cfg: Config, factory: Callable[[int], Backend], n: int) -> Runner:
     async def run(figs: list[Figure]) -> None:
         args: list[tuple[()]] = [()] * n
         async with factory(cfg.workers) as backend:
-            async def once() -> float:
-                t0 = now()
+            async def once() -> tuple[float, float]:
+                c0, t0 = time.process_time(), now()
                 results = await backend.gather("noop", args)
-                elapsed = now() - t0
+                elapsed, cpu = now() - t0, time.process_time() - c0
                 if len(results) != n:
                     raise RuntimeError(f"{backend.label}: {len(results)} results for {n} calls")
-                return n / elapsed
+                return n / elapsed, cpu / n * 1e6
 
-            figs[0].repetitions = await repeat(cfg, once)
+            reps = await repeat(cfg, once)
+            figs[0].repetitions = [rate for rate, _ in reps]
+            figs[1].repetitions = [cpu for _, cpu in reps]
             await backend.check_placement()
-        figs[0].params = {"calls_per_repetition": n, "workers": cfg.workers,
+        for fig in figs:
+            fig.params = {"calls_per_repetition": n, "workers": cfg.workers,
                           "runs_in_other_processes": backend.remote}
 
     return run

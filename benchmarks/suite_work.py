@@ -2,7 +2,8 @@
 
 * cpu: K pure-Python tasks of about 80 ms each; the speedup over running them one after another
   in this process (measured just before, in each repetition), and the parallel efficiency
-  (speedup / workers). Threads are measured too, to show the GIL.
+  (speedup / workers). Threads are measured too, to show the GIL. The same tasks on twice as
+  many workers as cores (oversubscribed), for statepool ``"process"`` and loky.
 * cpu, blas: 16 states of six 900 x 900 numpy matrix products (BLAS threads), wall time, on
   the same workers and on twice as many (oversubscribed): statepool ``"process"`` against joblib
   (which limits its workers' BLAS threads) and ``ProcessPoolExecutor`` (which does not).
@@ -48,6 +49,10 @@ def cpu_cases(cfg: Config) -> list[Case]:
     for label, factory, kind, base in rows(_CPU_BASELINES, _CPU_EXECUTORS):
         figs = templates("cpu", label, kind, base, metrics)
         cases.append(Case("cpu", label, figs, _scaling(cfg, factory, k, shared)))
+    over = 2 * cfg.workers  # oversubscribed: twice as many workers as cores, the same tasks
+    for label, factory, kind, base in rows(("loky (direct)",), ("process",)):
+        figs = templates("cpu", label, kind, base, [(f"speedup, {over} workers", "x", True)])
+        cases.append(Case("cpu", label, figs, _scaling(cfg, factory, k, shared, over)))
     return cases + _blas_cases(cfg)
 
 
@@ -110,7 +115,7 @@ def _serial(cfg: Config, k: int, task_s: float, shared: dict[str, Any]) -> Runne
 
 
 def _scaling(cfg: Config, factory: Callable[[int], Backend], k: int,
-             shared: dict[str, Any]) -> Runner:
+             shared: dict[str, Any], workers: int | None = None) -> Runner:
     """Each repetition runs the K tasks serially here, then on the pool: the speedup is the
     ratio of the two, taken moments apart, so that a change in the machine's load between
     repetitions hits both sides."""
@@ -120,7 +125,8 @@ def _scaling(cfg: Config, factory: Callable[[int], Backend], k: int,
             raise RuntimeError("no serial reference: the serial case did not run")
         turns = shared["turns"]
         expected = work.burn(turns)
-        async with factory(cfg.workers) as backend:
+        pool = cfg.workers if workers is None else workers
+        async with factory(pool) as backend:
             async def once() -> tuple[float, float]:
                 t0 = now()
                 for _ in range(k):
@@ -135,9 +141,10 @@ def _scaling(cfg: Config, factory: Callable[[int], Backend], k: int,
 
             pairs = await repeat(cfg, once)
         figs[0].repetitions = [s / t for s, t in pairs]
-        figs[1].repetitions = [100.0 * s / t / cfg.workers for s, t in pairs]
+        if len(figs) > 1:
+            figs[1].repetitions = [100.0 * s / t / pool for s, t in pairs]
         for fig in figs:
-            fig.params = {"tasks": k, "workers": cfg.workers,
+            fig.params = {"tasks": k, "workers": pool,
                           "serial_ms": [s * 1e3 for s, _ in pairs],
                           "parallel_ms": [t * 1e3 for _, t in pairs]}
 

@@ -124,7 +124,9 @@ class FastPaths:
             return False
         call = PreparedCall(state.name, state._func_name, state.func, state.args, state.kwargs,
                             is_coro=state._is_coro, is_blocking=True, on_start=handle._started)
-        marks_of(handle).call = call  # its worker and run time, for timings and events
+        marks = marks_of(handle)
+        marks.attempt(self._books.clock())  # it leaves the queue and is dispatched now
+        marks.call = call  # its worker and run time, for timings and events
         guard = SlotGuard(self._slots, handle) if state.tags else None
         try:
             submitted = ex.submit(call, handle._conclude if guard is None else guard.on_done)

@@ -30,12 +30,9 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:  # a worker process imports this module: asyncio only where it is needed
-    import asyncio
-
-__all__ = ["Executor", "OnDone", "PreparedCall", "Submitted", "fail_future"]
+__all__ = ["Executor", "OnDone", "PreparedCall", "Settable", "Submitted", "fail_future"]
 
 #: ``on_done(True, result)`` or ``on_done(False, exception)``, called on the loop thread
 OnDone = Callable[[bool, Any], None]
@@ -108,7 +105,15 @@ class PreparedCall:
         return f"<PreparedCall {self.state_name!r} {self.func_name}>"
 
 
-def fail_future(fut: asyncio.Future[Any], exc: BaseException, state_name: str) -> None:
+class Settable(Protocol):
+    """What :func:`fail_future` sets: an ``asyncio.Future``, or an executor's own outcome."""
+
+    def done(self) -> bool: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
+def fail_future(fut: Settable, exc: BaseException, state_name: str) -> None:
     """``fut.set_exception(exc)`` unless it is done, and never raising: asyncio refuses a
     ``StopIteration`` (it would end the awaiting coroutine), so one travels as a
     ``RuntimeError`` naming the state, with the ``StopIteration`` as its ``__cause__``."""

@@ -24,7 +24,8 @@ from ..base import PreparedCall
 if TYPE_CHECKING:
     from .pool import Worker
 
-__all__ = ["MAX_BATCH", "SLOW_S", "TARGET_S", "Batch", "CostModel", "Job", "cost_key", "take"]
+__all__ = ["MAX_BATCH", "SLOW_S", "TARGET_S", "Batch", "CostModel", "Job", "Submitted", "cost_key",
+           "take"]
 
 TARGET_S = 0.002  # the work a batch of fast calls aims at
 SLOW_S = 0.001  # a call that takes this long goes alone
@@ -33,13 +34,67 @@ _ALPHA = 0.25  # weight of a new measure in the running estimate
 _MAX_KEYS = 4096  # functions remembered at most (the estimates start over past that)
 
 
+class Submitted:
+    """The outcome of a call started by ``submit()`` (no task awaits it): to the dispatch, what
+    ``run()``'s future is (``done``, ``set_result``, ``set_exception``, ``cancel``), but it ends
+    the state through ``on_done``; to the engine it stands for the state's task (``cancel()``,
+    ``done()``). Setting it twice changes nothing."""
+
+    __slots__ = ("_abandon", "_done", "_on_done", "_waiters", "job")
+
+    def __init__(self, on_done: Callable[[bool, Any], None],
+                 abandon: Callable[[Job], None]) -> None:
+        self._on_done = on_done
+        self._abandon = abandon
+        self._done = False
+        self._waiters: list[asyncio.Future[None]] | None = None
+        self.job: Job | None = None
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, value: Any) -> None:
+        self._end(True, value)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._end(False, exc)
+
+    def cancel(self) -> bool:
+        """The state was cancelled (or the executor closes): skip the call, or kill the worker
+        that runs it, as when ``run()``'s task is cancelled."""
+        if self._done:
+            return False
+        self._end(False, asyncio.CancelledError())
+        if self.job is not None:
+            self._abandon(self.job)
+        return True
+
+    def _end(self, ok: bool, value: Any) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._on_done(ok, value)
+        for waiter in self._waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def waiter(self) -> asyncio.Future[None]:
+        """A future done when this is (for a shutdown that waits for every call)."""
+        fut = asyncio.get_running_loop().create_future()
+        if self._done:
+            fut.set_result(None)
+        else:
+            self._waiters = [*(self._waiters or ()), fut]
+        return fut
+
+
 class Job:
     """One call on its way through the executor (it may be sent more than once)."""
 
     __slots__ = ("batch", "call", "doom", "fut", "key", "reruns", "rss", "seq", "solo", "stolen",
                  "worker")
 
-    def __init__(self, call: PreparedCall, fut: asyncio.Future[Any]) -> None:
+    def __init__(self, call: PreparedCall, fut: asyncio.Future[Any] | Submitted) -> None:
         self.call = call
         self.fut = fut
         self.key = cost_key(call.fn)

@@ -47,9 +47,9 @@ from statepool.engine.errors import WorkerCrashedError
 
 from .._wire import faults, lifeline, logrelay, shm, threads
 from .._wire.initializer import check as initializer_check
-from ..base import Executor, PreparedCall
+from ..base import Executor, OnDone, PreparedCall
 from . import boot
-from .batch import Job
+from .batch import Job, Submitted
 from .dispatch import RING, Dispatch, Phase
 from .pool import Worker, describe_exit, kill_tree
 from .worker import RUNNING, SlotTable
@@ -221,7 +221,7 @@ class LokyExecutor(Dispatch, Executor):
         assert loop is not None and self._helper is not None and self._table is not None
         self._phase = Phase.CLOSING
         while not cancel and (waiting := self._unfinished()):
-            await asyncio.wait(waiting)
+            await asyncio.wait([f.waiter() if isinstance(f, Submitted) else f for f in waiting])
         for fut in self._unfinished():
             fut.cancel()
         self._phase = Phase.CLOSED
@@ -270,7 +270,7 @@ class LokyExecutor(Dispatch, Executor):
                     worker.kill("it did not stop in time")
                 killed, deadline = True, loop.time() + _STOP_TIMEOUT_S
 
-    def _unfinished(self) -> list[asyncio.Future[Any]]:
+    def _unfinished(self) -> list[asyncio.Future[Any] | Submitted]:
         futs = [job.fut for job in self._pending if not job.fut.done()]
         for worker in self._workers:
             if worker is not None:
@@ -286,6 +286,27 @@ class LokyExecutor(Dispatch, Executor):
             and None not in self._workers else self._open()
         assert loop is not None
         job = Job(call, loop.create_future())
+        self._line_up(job, loop)
+        try:
+            return await job.fut  # type: ignore[misc]  # an asyncio future here
+        except asyncio.CancelledError:
+            self._abandon(job)
+            raise
+
+    def submit(self, call: PreparedCall, on_done: OnDone) -> Submitted:
+        """Start ``call`` with no task to await it (the engine's fast path for plain blocking
+        states; loop thread only): ``on_done(True, result)`` or ``on_done(False, exception)``
+        ends it. The returned object's ``cancel()`` skips the call or kills its worker, as
+        cancelling ``run()``'s task does."""
+        loop = self._loop if self._phase is Phase.OPEN and self._start_failures == 0 \
+            and None not in self._workers else self._open()
+        assert loop is not None
+        outcome = Submitted(on_done, self._abandon)
+        job = outcome.job = Job(call, outcome)
+        self._line_up(job, loop)
+        return outcome
+
+    def _line_up(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
         pending = self._pending
         pending.append(job)
         if self._pump_handle is None:
@@ -295,11 +316,6 @@ class LokyExecutor(Dispatch, Executor):
                 self._pump()  # alone, and a worker is idle: send it now
             else:  # the others of this loop iteration go with it
                 self._pump_handle = loop.call_soon(self._pump)
-        try:
-            return await job.fut
-        except asyncio.CancelledError:
-            self._abandon(job)
-            raise
 
     # -- deaths ------------------------------------------------------------------------------
 
