@@ -190,6 +190,13 @@ async def test_aioprocess_initializer_that_loaded_numpy_still_runs_limited(
         assert await ex.run(call(ablas_threads)) == [1]
 
 
+async def test_process_initializer_that_loaded_numpy_still_runs_limited(
+        clean_env: Any) -> None:
+    ex = LokyExecutor(1, inner_threads=1, initializer=unlimit_numpy, initargs=(2,))
+    async with started(ex):
+        assert await ex.run(call(blas_threads)) == [1]
+
+
 async def test_process_worker_applies_the_limit_to_what_is_loaded() -> None:
     """In a worker whose limits statepool set, ``apply_loaded`` limits numpy loaded before."""
     async with started(LokyExecutor(1, inner_threads=1)) as ex:
