@@ -64,7 +64,7 @@ def _blas_cases(cfg: Config) -> list[Case]:
     """The blas rows: the same states on ``workers`` and ``2 x workers``."""
     found = {label: factory for label, factory, _, _ in rows(_CPU_BASELINES, ("process",))}
     states, size = cfg.size(16, 4), cfg.size(900, 200)
-    pools = (cfg.workers, 2 * cfg.workers)
+    pools = (cfg.workers,) if cfg.quick else (cfg.workers, 2 * cfg.workers)
     metrics = [(f"blas time, {w} workers", "ms", False) for w in pools]
     cases = []
     for label, base in _BLAS_SUBJECTS:
