@@ -120,7 +120,7 @@ def sweep(prefix: str, root: str | None = None) -> list[str]:
     import tempfile
 
     root = tempfile.gettempdir() if root is None else root
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(root)
     except OSError:

@@ -47,10 +47,10 @@ def local_security() -> Any:
         return None
     from distributed import Security
 
-    return Security.temporary()
+    return Security.temporary()  # type: ignore[no-untyped-call]
 
 
-class Lifeline(WorkerPlugin):  # type: ignore[misc]
+class Lifeline(WorkerPlugin):
     """A worker plugin: a worker of a LocalCluster statepool started dies, with what its tasks
     started, within about a second of the parent's death (``_wire.lifeline``, the watch thread:
     no parent-death signal, which follows the parent's thread that started the worker)."""
