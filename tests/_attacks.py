@@ -232,3 +232,14 @@ def rlimit_as() -> tuple[int, int]:
     import resource
 
     return os.getpid(), resource.getrlimit(resource.RLIMIT_AS)[0]
+
+
+async def publish_and_wait(path: str, info: dict[str, Any]) -> None:
+    """Write ``info`` as JSON to ``path`` (atomically), then wait to be killed."""
+    import asyncio
+    import json
+
+    with open(f"{path}.tmp", "w") as file:
+        json.dump(info, file)
+    os.replace(f"{path}.tmp", path)
+    await asyncio.sleep(3600)

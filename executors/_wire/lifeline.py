@@ -79,24 +79,20 @@ def _die() -> None:
 
 def kill_descendants() -> None:
     """SIGKILL every descendant of this process (not this process)."""
-    import psutil
-
-    try:
-        victims = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return
-    for victim in victims:
-        with contextlib.suppress(psutil.Error):
-            victim.kill()
+    _kill(os.getpid(), itself=False)
 
 
 def kill_tree(pid: int) -> None:
     """SIGKILL ``pid`` and its descendants (a state may have started processes of its own)."""
+    _kill(pid, itself=True)
+
+
+def _kill(pid: int, *, itself: bool) -> None:
     import psutil
 
     try:
         proc = psutil.Process(pid)
-        victims = [*proc.children(recursive=True), proc]
+        victims = [*proc.children(recursive=True), *([proc] if itself else [])]
     except psutil.Error:
         return
     for victim in victims:
