@@ -597,3 +597,20 @@ async def test_events_name_the_dask_worker_in_order() -> None:
     end = next(e for e in events if e.name == "ok" and e.kind == "succeeded")
     assert isinstance(end.worker, str) and "://" in end.worker  # the Dask worker's address
     assert ok.timings["running"] > 0.0
+
+
+def odd_fails(x: int) -> int:
+    if x % 2:
+        raise ValueError(f"odd {x}")
+    return x
+
+
+async def test_manager_map_on_dask_chunks_with_per_item_errors() -> None:
+    ex = DaskExecutor(n_workers=1)
+    async with StateManager(executors={"dask": ex}) as m:
+        got = [r async for r in m.map(odd_fails, range(3_000), executor="dask",
+                                      return_exceptions=True)]
+        states = sum(m.stats().by_status.values())
+    assert got[::2] == list(range(0, 3_000, 2))
+    assert all(isinstance(r, ValueError) for r in got[1::2])
+    assert states < 300  # many items per Dask task
