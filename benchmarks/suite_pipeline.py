@@ -1,11 +1,11 @@
 """Pipelines (issue 12): ``manager.map`` against the libraries a user would pick for one.
 
 * pipeline: the two-stage CPU pipeline of ``benchmarks.pipeline_work`` (1,000 blobs of 64 KB,
-  hashed and compressed, then verified and counted, then merged; 100 with ``--quick``) with
+  hashed and compressed, then verified and counted, then merged; 12 with ``--quick``) with
   statepool ``map`` (the second stage reads the first one's results as they come), joblib,
   mpire and ``ProcessPoolExecutor`` + ``run_in_executor``, same workers: wall time, and the lines
   of code of each variant (the pool and the two stages);
-* map throughput: ``map`` over 200,000 trivial items on ``"process"`` (20,000 with ``--quick``)
+* map throughput: ``map`` over 200,000 trivial items on ``"process"`` (10,000 with ``--quick``)
   against ``joblib.Parallel(n_jobs=workers)`` on the same items, in items/s, with the parent
   process's CPU per item (``time.process_time``: this process only, not its workers);
 * map memory: RSS after 1,000,000 trivial items through ``map`` on ``"thread"`` (200,000 with
@@ -34,7 +34,7 @@ _MAP = "statepool map (process)"
 
 
 def pipeline_cases(cfg: Config) -> list[Case]:
-    n = cfg.size(1_000, 100)
+    n = cfg.size(1_000, 12)
     cases = []
     for label in _ORDER:
         statepool = label.startswith("statepool")
@@ -42,13 +42,13 @@ def pipeline_cases(cfg: Config) -> list[Case]:
                          _BASE if statepool else None,
                          [("wall time", "ms", False), ("lines of code", "lines", False)])
         cases.append(Case("pipeline", label, figs, _pipeline(cfg, label, n)))
-    items = cfg.size(200_000, 20_000)
+    items = cfg.size(200_000, 10_000)
     metrics = [("map throughput", "items/s", True), ("parent CPU per item", "us", False)]
     cases.append(Case("pipeline", _MAP_BASE, templates("pipeline", _MAP_BASE, "baseline", None,
                                                         metrics), _joblib_items(cfg, items)))
     cases.append(Case("pipeline", _MAP, templates("pipeline", _MAP, "statepool", _MAP_BASE,
                                                   metrics), _map_items(cfg, items)))
-    total = cfg.size(1_000_000, 200_000)
+    total = cfg.size(1_000_000, 60_000)
     memory = templates("pipeline", "statepool map (thread)", "statepool", None,
                        [("map memory growth", "MB", False)])
     cases.append(Case("pipeline", "statepool map (thread)", memory, _map_memory(cfg, total)))
