@@ -592,3 +592,19 @@ async def test_states_granted_a_slot_while_the_manager_stops_end_cancelled() -> 
     assert holder.status is StateStatus.CANCELLED
     assert all(w.status is StateStatus.CANCELLED for w in waiters)
     assert m.stats()["by_status"]["WAITING"] == 0
+
+
+@pytest.mark.parametrize("retries", [0, 1])  # the fast path, and the ordinary one
+async def test_a_state_cancelled_before_its_task_ran_gives_its_slot_back(retries: int) -> None:
+    async def noop() -> str:
+        return "ran"
+
+    async with StateManager(limits={"t": 1}) as m:
+        w = await m.put_state(State("w", noop, True, tags=("t",), retries=retries))
+        await asyncio.sleep(0)  # the main loop took it, took its slot, made its task...
+        assert w.status is not StateStatus.SUCCEEDED
+        assert w.cancel()  # ...which is cancelled before its first step
+        await asyncio.sleep(0.01)
+        assert m.stats()["by_tag"]["t"]["running"] == 0
+        nxt = await m.put_state(State("next", noop, True, tags=("t",)))
+        assert await asyncio.wait_for(_wait(nxt), 2) == "ran"
