@@ -327,20 +327,28 @@ async def test_cancel_running_state_ends_its_worker(tmp_path: pathlib.Path,
         assert await ex.run(call("after", add, 2, 2)) == 4
 
 
-async def test_cancelled_pending_state_never_starts(tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("in_flight", [2, None], ids=["waits-in-parent", "queued-in-dask"])
+async def test_cancelled_pending_state_never_starts(tmp_path: pathlib.Path,
+                                                    in_flight: int | None) -> None:
+    """With ``max_in_flight=2`` the third call waits in the parent; by default (several calls
+    per thread in Dask) it is sent and waits on a worker behind a busy one. Cancelled, neither
+    ever starts."""
     release, never = tmp_path / "release", tmp_path / "never"
     markers = [tmp_path / f"busy{i}" for i in range(2)]
-    async with releasing(release, n_workers=2) as ex:
+    async with releasing(release, n_workers=2, max_in_flight=in_flight) as ex:
         busy = [asyncio.ensure_future(ex.run(call(f"busy{i}", spin_until, str(release),
                                                    str(markers[i])))) for i in range(2)]
         await wait_for(lambda: all(m.exists() for m in markers), 20)
         starts: list[str] = []
         pending = asyncio.ensure_future(ex.run(PreparedCall(
             "pending", "touch", touch, (str(never),), on_start=lambda: starts.append("x"))))
-        await asyncio.sleep(0.3)  # it waits in the parent: both threads are busy
-        assert ex._slots.used == 2 and starts == []
-        assert not any("pending" in str(k) for ks in (await ex.client.processing()).values()
-                       for k in ks)
+        await asyncio.sleep(0.3)  # both threads are busy
+        in_dask = any("pending" in str(k) for ks in (await ex.client.processing()).values()
+                      for k in ks)
+        if in_flight == 2:  # it waits in the parent
+            assert ex._slots.used == 2 and starts == [] and not in_dask
+        else:  # sent: it waits in Dask
+            assert ex._slots.used == 3 and starts == ["x"] and in_dask
         pending.cancel()
         with pytest.raises(asyncio.CancelledError):
             await pending
@@ -349,7 +357,8 @@ async def test_cancelled_pending_state_never_starts(tmp_path: pathlib.Path) -> N
         # a call sent after the cancel runs; the cancelled one, had it been sent, before it
         assert await ex.run(call("later", touch, str(tmp_path / "later"))) == str(
             tmp_path / "later")
-        assert not never.exists() and starts == []
+        assert not never.exists()
+        assert ex.client is not None and len(ex.worker_pids()) == 2  # nobody was killed
 
 
 async def test_future_cancelled_in_dask_is_asyncio_cancelled(tmp_path: pathlib.Path) -> None:

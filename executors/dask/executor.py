@@ -4,11 +4,15 @@ With no ``address`` the executor starts its own ``LocalCluster`` of worker proce
 with no dashboard, and closes it at shutdown; with an ``address`` it connects to that scheduler
 (TLS through ``security``) and, at shutdown, closes only its client.
 
-What Dask can and cannot stop. A call waits in the parent until the cluster has a free thread
-for it (``max_in_flight``), so a state cancelled before it is sent never reaches Dask, and its
-timeout starts when it is sent. A task that already runs cannot be interrupted: Dask only drops
-its result. With ``kill_on_cancel`` (the default for a cluster the executor started) the worker
-process running it is ended and its nanny starts a fresh one, so the CPU work stops too.
+What Dask can and cannot stop. Up to ``max_in_flight`` calls are in Dask at once (``PIPELINE``
+per cluster thread by default: Dask batches its messages, a thread given one task at a time
+idles for each round trip); the others wait in the parent, and a state cancelled there never
+reaches Dask. Its timeout starts when it is sent. A sent call that is cancelled is marked
+cancelled on every worker before Dask cancels it (``support.cancel_mark``): if it had not
+started it never will. A task that already runs cannot be interrupted: Dask only drops its
+result. With ``kill_on_cancel`` (the default for a cluster the executor started) the worker
+process running it (the mark says which) is ended and its nanny starts a fresh one, so the CPU
+work stops too.
 Execution is at least once: when a worker dies, Dask runs the tasks it held again elsewhere, up
 to ``allowed_failures`` times, then fails them with ``KilledWorker`` (a ``WorkerCrashedError``
 here).
@@ -21,7 +25,7 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import distributed
@@ -29,9 +33,10 @@ import psutil
 
 from ..base import Executor, PreparedCall
 from .scatter import ScatterCache
+from .slots import Slots
 from .support import (
     Lifeline,
-    Slots,
+    cancel_mark,
     hard_exit,
     local_security,
     serialization_error,
@@ -48,6 +53,10 @@ _dd: Any = distributed
 
 #: Arguments whose estimated size reaches this many bytes are scattered ahead of the task.
 SCATTER_THRESHOLD = 1_000_000
+#: Calls in Dask at once per worker thread, unless ``max_in_flight`` says otherwise: Dask batches
+#: its messages (a round trip takes 10-15 ms), so a thread with one call at a time idles.
+PIPELINE = 4
+_WRAPPED_MAX = 256  # functions whose Dask wrapper is kept (Dask caches a function it saw)
 
 
 def _default_workers() -> int:
@@ -107,13 +116,16 @@ class DaskExecutor(Executor):
         self.max_in_flight = max_in_flight
         self.cluster_kwargs = dict(cluster_kwargs or {})
         self.client_kwargs = dict(client_kwargs or {})
-        self._scatter = ScatterCache(scatter_threshold)
+        # to a LocalCluster of its own, large arguments go straight to a worker: through the
+        # scheduler (which runs in this process) they would cross this process's TLS twice more
+        self._scatter = ScatterCache(scatter_threshold, direct=True if address is None else None)
         self._client: Any = None
         self._cluster: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._starting: asyncio.Task[None] | None = None
         self._slots = Slots(self._capacity)
         self._in_flight: set[Any] = set()
+        self._wrapped: dict[Any, Any] = {}  # fn -> its task_function, reused
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -241,52 +253,65 @@ class DaskExecutor(Executor):
 
     async def run(self, call: PreparedCall) -> Any:
         """Submit ``call`` as one Dask task and return its result."""
-        client = await self._ensure_client()
-        async with self._slot():
-            held: list[str] = []
+        client = self._client
+        if client is None or self._closed:
+            client = await self._ensure_client()
+        slots = self._slots
+        await slots.acquire()
+        held: list[int] = []
+        try:
             try:
-                try:
-                    args, kwargs = await self._scatter.swap_in(client, call.args, call.kwargs,
-                                                               held)
-                    fut = client.submit(task_function(call.fn), *args,
-                                        key=f"{call.state_name}-{uuid.uuid4().hex}",
-                                        pure=False, **kwargs)
-                except Exception as exc:
-                    error = serialization_error(exc, call)
-                    if error is None:
-                        raise
-                    raise error from exc
-                return await self._result(client, fut, call)
-            finally:
+                args, kwargs = call.args, call.kwargs
+                if args or kwargs:
+                    args, kwargs = await self._scatter.swap_in(client, args, kwargs, held)
+                fut = client.submit(self._task(call.fn), *args,
+                                    key=f"{call.state_name}-{uuid.uuid4().hex}",
+                                    pure=False, **kwargs)
+            except Exception as exc:
+                error = serialization_error(exc, call)
+                if error is None:
+                    raise
+                raise error from exc
+            return await self._result(client, fut, call)
+        finally:
+            if held:
                 self._scatter.release(held)
+            slots.release()
+
+    def _task(self, fn: Any) -> Any:
+        """The Dask task function of ``fn``, the same object each time for the same ``fn``
+        (Dask then pickles it once, and its workers unpickle it once)."""
+        try:
+            return self._wrapped[fn]
+        except KeyError:
+            pass
+        except TypeError:  # not hashable
+            return task_function(fn)
+        if len(self._wrapped) >= _WRAPPED_MAX:
+            self._wrapped.clear()
+        wrapped = self._wrapped[fn] = task_function(fn)
+        return wrapped
 
     def capacity(self) -> int | None:
         if self.max_in_flight is not None:
             return self.max_in_flight
         if self.n_workers is not None:
-            return self.n_workers * self.threads_per_worker
+            return self.n_workers * self.threads_per_worker * PIPELINE
         return None
 
     def _capacity(self) -> int:
-        """How many calls may be in Dask at once: ``max_in_flight``, or the cluster's threads."""
+        """How many calls may be in Dask at once: ``max_in_flight``, or ``PIPELINE`` per thread
+        of the cluster."""
         if self._closed:
             raise RuntimeError("the dask executor is shut down")
         if self.max_in_flight is not None:
             return self.max_in_flight
         if self._cluster is not None:  # our LocalCluster's scheduler runs in this process
-            return int(self._cluster.scheduler.total_nthreads)
+            return int(self._cluster.scheduler.total_nthreads) * PIPELINE
         if self._client is None:
             return 0
         # the client's view, refreshed every 2 s (distributed.client.scheduler-info-interval)
-        return int(self._client.scheduler_info().get("total_threads", 0))
-
-    @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        await self._slots.acquire()
-        try:
-            yield
-        finally:
-            self._slots.release()
+        return int(self._client.scheduler_info().get("total_threads", 0)) * PIPELINE
 
     async def _result(self, client: Any, fut: Any, call: PreparedCall) -> Any:
         self._in_flight.add(fut)
@@ -307,21 +332,23 @@ class DaskExecutor(Executor):
             fut.release()
 
     async def _stop(self, client: Any, fut: Any, call: PreparedCall) -> None:
-        """Cancel ``fut``; if it runs and ``kill_on_cancel``, end the worker running it."""
-        workers: list[str] = []
-        if self.kill_on_cancel and not fut.done():
-            try:  # the workers where the task executes now (not merely assigned)
-                stacks = await client.call_stack(keys=[fut.key])
-                workers = [addr for addr, keys in stacks.items() if fut.key in keys]
+        """Cancel ``fut`` exactly: every worker marks its key cancelled first (a task that has
+        not started there never will, see ``support.task_function``) and says whether it runs
+        it; then Dask cancels it; with ``kill_on_cancel`` the worker running it is ended."""
+        running: list[str] = []
+        if not fut.done():
+            try:
+                marks = await client.run(cancel_mark(fut.key), on_error="return")
+                running = [addr for addr, started in marks.items() if started is True]
             except Exception:
-                logger.debug("state %r: no call stack from Dask", call.state_name,
+                logger.debug("state %r: no cancel mark on the Dask workers", call.state_name,
                              exc_info=True)
         try:
             await client.cancel([fut], reason=f"state {call.state_name!r} cancelled")
-            if workers:
+            if running and self.kill_on_cancel:
                 logger.warning("state %r (%s) cancelled while running: ending its Dask worker %s",
-                               call.state_name, call.func_name, ", ".join(workers))
-                await client.run(hard_exit(), workers=workers, wait=False)
+                               call.state_name, call.func_name, ", ".join(running))
+                await client.run(hard_exit(), workers=running, wait=False)
         except Exception:
             logger.warning("state %r: could not stop its Dask task", call.state_name,
                            exc_info=True)

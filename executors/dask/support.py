@@ -24,7 +24,7 @@ from statepool.engine.errors import SerializationError, WorkerCrashedError
 from .._wire.remote import RemoteTraceback, type_name
 from ..base import PreparedCall
 
-__all__ = ["Lifeline", "Slots", "hard_exit", "local_security", "serialization_error",
+__all__ = ["Lifeline", "cancel_mark", "hard_exit", "local_security", "serialization_error",
            "task_function", "translate_error"]
 
 logger = logging.getLogger(__name__)
@@ -87,13 +87,10 @@ def _exit_killing_descendants(real: Callable[[int], Any]) -> Callable[[int], Any
     return _exit
 
 
-def _address() -> str | None:
-    try:
-        from distributed import get_worker
-
-        return str(get_worker().address)
-    except Exception:  # not in a worker (a test calling the function here)
-        return None
+#: on each Dask worker object: ``(lock, keys started, keys cancelled -> when)`` (see
+#: :func:`task_function` and :func:`cancel_mark`)
+_CALLS = "_statepool_calls"
+_CANCEL_MEMORY_S = 120.0  # a cancel mark older than this is forgotten (the task will not come)
 
 
 def task_function(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -105,14 +102,36 @@ def task_function(fn: Callable[..., Any]) -> Callable[..., Any]:
     ``RuntimeError`` instead of taking the worker down (which Dask does, slowly, and then runs
     the task again elsewhere). It answers ``(worker address, seconds it ran, result)``: where
     it ran and for how long, for the state's events and timings.
+
+    Cancel is exact although several tasks wait on each worker thread: before it calls ``fn``,
+    the task looks, under the worker's lock, for a cancel mark of its key (:func:`cancel_mark`)
+    and, if there is none, notes that it started. A task cancelled before it started never
+    calls ``fn``; the mark tells the parent which worker runs one that had started.
     """
-    mark = _EXIT_MARK
+    mark, calls_name = _EXIT_MARK, _CALLS
 
     def statepool_task(*args: Any, **kwargs: Any) -> Any:
         import asyncio
         import inspect
+        import threading
         import time
 
+        address = key = calls = None
+        try:
+            from distributed import get_worker
+
+            worker = get_worker()
+            address, key = str(worker.address), worker.get_current_task()
+            calls = worker.__dict__.get(calls_name) or worker.__dict__.setdefault(
+                calls_name, (threading.Lock(), set(), {}))
+        except Exception:  # not in a worker (a test calling the function here)
+            pass
+        if calls is not None:
+            lock, started, cancelled = calls
+            with lock:
+                if cancelled.pop(key, None) is not None:
+                    return address, 0.0, None  # cancelled before it started: it never runs
+                started.add(key)
         began = time.perf_counter()
         try:
             result = fn(*args, **kwargs)
@@ -123,12 +142,41 @@ def task_function(fn: Callable[..., Any]) -> Callable[..., Any]:
                     return await awaitable
 
                 result = asyncio.run(wait())
-            return _address(), time.perf_counter() - began, result
+            return address, time.perf_counter() - began, result
         except (SystemExit, KeyboardInterrupt) as exc:
             code = exc.code if isinstance(exc, SystemExit) else None
             raise RuntimeError(mark, type(exc).__name__, code) from None
+        finally:
+            if calls is not None:
+                with lock:
+                    started.discard(key)
 
     return statepool_task
+
+
+def cancel_mark(key: str) -> Callable[..., bool]:
+    """A function for ``client.run`` on every worker: mark ``key`` cancelled there, so that it
+    never starts, and answer whether it runs there now (it started before the mark)."""
+    calls_name, memory_s = _CALLS, _CANCEL_MEMORY_S
+
+    def statepool_cancel(dask_worker: Any) -> bool:
+        import threading
+        import time
+
+        calls = dask_worker.__dict__.get(calls_name) or dask_worker.__dict__.setdefault(
+            calls_name, (threading.Lock(), set(), {}))
+        lock, started, cancelled = calls
+        now = time.monotonic()
+        with lock:
+            if key in started:
+                return True
+            cancelled[key] = now
+            if len(cancelled) > 1024:  # marks of tasks that went elsewhere, or had ended
+                for old in [k for k, when in cancelled.items() if now - when > memory_s]:
+                    del cancelled[old]
+        return False
+
+    return statepool_cancel
 
 
 def hard_exit() -> Callable[[], Coroutine[Any, Any, None]]:
@@ -206,31 +254,3 @@ def serialization_error(exc: BaseException, call: PreparedCall) -> Serialization
     return err
 
 
-class Slots:
-    """Calls in flight, at most ``capacity()`` (read again as it changes: workers come and go).
-
-    A call waits here, in the parent, until the cluster has a thread for it; so a state that is
-    cancelled while it waits never reaches Dask, and its ``timeout`` starts when it is sent.
-    """
-
-    def __init__(self, capacity: Callable[[], int], recheck_s: float = 0.2) -> None:
-        self._capacity = capacity
-        self._recheck_s = recheck_s
-        self._used = 0
-        self._freed = asyncio.Event()
-
-    @property
-    def used(self) -> int:
-        return self._used
-
-    async def acquire(self) -> None:
-        while self._used >= self._capacity():
-            self._freed.clear()
-            # a freed slot wakes the waiters at once; new workers are seen at the next recheck
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._freed.wait(), self._recheck_s)
-        self._used += 1
-
-    def release(self) -> None:
-        self._used -= 1
-        self._freed.set()
