@@ -100,7 +100,7 @@ async def test_a_state_waiting_to_retry_does_not_hold_the_queue_or_a_worker() ->
     _calls, func = failing(1)
     order: list[str] = []
     async with StateManager() as m:
-        h = await m.put_state(State("f", func, retries=Retry(1, delay=0.3)))
+        h = await m.put_state(State("f", func, retries=Retry(1, delay=1.0)))
         await asyncio.sleep(0.02)
         assert h.status is StateStatus.WAITING and h.attempts == 1
         stats = m.stats()
@@ -124,10 +124,13 @@ async def test_a_thread_state_waiting_to_retry_leaves_its_worker_free() -> None:
         return "ok"
 
     async with StateManager(executors={"thread": ThreadExecutor(max_workers=1)}) as m:
-        h = await m.put_state(State("f", flaky, True, retries=Retry(1, delay=0.3)))
-        await asyncio.sleep(0.05)
+        h = await m.put_state(State("f", flaky, True, retries=Retry(1, delay=1.0)))
+        for _ in range(200):
+            if h.status is StateStatus.WAITING:
+                break
+            await asyncio.sleep(0.005)
         other = await m.put_state(State("other", lambda: "other", True))
-        assert await asyncio.wait_for(_wait(other), 0.25) == "other"
+        assert await asyncio.wait_for(_wait(other), 0.8) == "other"
         assert h.status is StateStatus.WAITING
         assert await h == "ok"
 
