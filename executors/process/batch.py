@@ -64,15 +64,17 @@ class Submitted:
         that runs it, as when ``run()``'s task is cancelled."""
         if self._done:
             return False
+        job = self.job
         self._end(False, asyncio.CancelledError())
-        if self.job is not None:
-            self._abandon(self.job)
+        if job is not None:
+            self._abandon(job)
         return True
 
     def _end(self, ok: bool, value: Any) -> None:
         if self._done:
             return
         self._done = True
+        self.job = None  # no cycle with its job: both go without the garbage collector
         self._on_done(ok, value)
         for waiter in self._waiters or ():
             if not waiter.done():
