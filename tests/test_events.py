@@ -141,22 +141,26 @@ async def test_event_order_on_every_executor(executor: str) -> None:
         "queued", "waiting", "resolving", "dispatch", "running", "returning"}
 
 
-async def test_a_crashed_process_state_fails_with_its_worker() -> None:
+@pytest.mark.parametrize("executor", ["process", "aioprocess"])
+async def test_a_crashed_process_state_fails_with_its_worker(executor: str) -> None:
+    import _logging_work
+
     events: list[StateEvent] = []
-    async with StateManager(executors={"process": LokyExecutor(1)}) as m:
+    crash: Any = _crashers.call_os_exit if executor == "process" else _logging_work.alast_words
+    after: Any = _crashers.identity if executor == "process" else aok
+    async with StateManager(executors=executors_for(executor)) as m:
         m.add_listener(events.append)
-        h = await m.put_state(State("crash", _crashers.call_os_exit, True, args=(7,),
-                                    executor="process"))
-        ok = await m.put_state(State("after", _crashers.identity, True, args=(1,),
-                                     executor="process"))
+        h = await m.put_state(State("crash", crash, True, args=(7,), executor=executor))
         with pytest.raises(WorkerCrashedError):
             await asyncio.wait_for(h, 30)
-        assert await asyncio.wait_for(ok, 30) == 1
+        ok = await m.put_state(State("after", after, True, args=(1,), executor=executor))
+        assert await asyncio.wait_for(ok, 30) == 1  # on a new worker
     by = kinds_by_state(events)
     assert by["crash"] == ["queued", "started", "failed"]
-    crash = [e for e in events if e.name == "crash"]
-    assert isinstance(crash[-1].error, WorkerCrashedError)
-    assert isinstance(crash[1].worker, int) and crash[1].worker == crash[2].worker
+    assert by["after"] == ["queued", "started", "succeeded"]
+    ends = [e for e in events if e.name == "crash"]
+    assert isinstance(ends[-1].error, WorkerCrashedError)
+    assert isinstance(ends[1].worker, int) and ends[1].worker == ends[2].worker
 
 
 async def test_queued_states_cancelled_at_stop_end_with_an_event() -> None:
