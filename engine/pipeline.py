@@ -492,7 +492,11 @@ def _fewer(retries: Any) -> Any:
         return None
     if dataclasses.is_dataclass(retries) and not isinstance(retries, type):
         return dataclasses.replace(retries, times=times - 1)
-    return retries
+    try:  # engine.retry.Retry: the same policy, one attempt less
+        return type(retries)(times - 1, delay=retries.delay, backoff=retries.backoff,
+                             max_delay=retries.max_delay, jitter=retries.jitter, on=retries.on)
+    except (AttributeError, TypeError, ValueError):
+        return retries
 
 
 def _retryable(retries: Any, exc: BaseException) -> bool:

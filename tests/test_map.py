@@ -395,3 +395,17 @@ async def test_map_over_handles_waits_for_each_and_takes_its_result(executor: st
     assert got[0::2] == [1, 3, 5]
     assert all(isinstance(r, DependencyError) for r in got[1::2])
     assert "'first 1'" in str(got[1])
+
+
+async def test_a_retry_policy_counts_the_attempt_made_inside_a_chunk(tmp_path: Any) -> None:
+    from statepool.engine import Retry
+
+    flaky = _Flaky(str(tmp_path))
+    async with StateManager(executors=map_executors("thread")) as manager:
+        got = [r async for r in manager.map(flaky, range(8), executor="thread", chunksize=4,
+                                            retries=Retry(1, delay=0.01, on=RuntimeError))]
+        assert got == list(range(8))
+        failing = [r async for r in manager.map(_odd_fails, range(4), executor="thread",
+                                                chunksize=4, return_exceptions=True,
+                                                retries=Retry(2, on=KeyError))]
+    assert isinstance(failing[1], ValueError)  # not retried: `on` refuses it
