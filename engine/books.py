@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .events import EventHub
     from .handle import StateHandle, StateStatus
     from .idle import IdleWatch
+    from .slots import TagSlots
     from .timings import Marks
 
 __all__ = ["Books"]
@@ -35,14 +36,15 @@ class Books:
     """Counts by ``StateStatus.index``, states run by executor, what runs now, who waits."""
 
     __slots__ = ("by_executor", "callbacks", "cheap", "clock", "counts", "failures", "hub", "idle",
-                 "join_waiters", "loop", "put_waiters", "running", "serving", "spare_hub",
-                 "unfinished")
+                 "join_waiters", "loop", "put_waiters", "running", "serving", "slots",
+                 "spare_hub", "unfinished")
 
     callbacks: DoneCallbacks  # the handles' done-callbacks to run (set by bind)
     idle: IdleWatch  # the warning for waiting on a manager that does not run (set by the manager)
 
     def __init__(self, statuses: int) -> None:
         self.counts: list[int] = [0] * statuses
+        self.slots: TagSlots | None = None  # the manager's, once a state took a tag slot
         self.by_executor: Counter[str] = Counter()
         self.running: set[StateHandle] = set()
         self.unfinished = 0  # handles put and not yet terminal
@@ -142,6 +144,9 @@ class Books:
             hub.ended(handle)
         if not self.unfinished and self.join_waiters:
             self.release_all()
+        slots = self.slots
+        if slots is not None and handle in slots.held:  # a state's slots go back as it ends
+            slots.release(handle)
 
     def _cheap(self, handle: StateHandle, marks: Marks, ran: float) -> None:
         """A process state succeeded: was it worth its trip? (engine/log.py says, once.)"""

@@ -58,8 +58,6 @@ class FastPaths:
     if TYPE_CHECKING:
         def _executor_for(self, state: State) -> Executor: ...
 
-        def _release_when_done(self, handle: StateHandle, task: asyncio.Task[Any]) -> None: ...
-
     @staticmethod
     def _fast_paths(loop: asyncio.AbstractEventLoop) -> tuple[bool, bool]:
         """Whether plain states may take the fast paths now (not while DEBUG logs each state),
@@ -117,8 +115,6 @@ class FastPaths:
             return None
         handle._task = task
         self._tasks.add(task)
-        if state.tags:
-            self._release_when_done(handle, task)
         return task
 
     def _start_submitted(self, handle: StateHandle, state: State, ex: Executor) -> bool:

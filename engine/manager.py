@@ -365,8 +365,6 @@ class StateManager(FastPaths, EventSource, Waiting):
         if state.tags and not self._slots_ready(handle):
             return
         task = self._spawn(self._run(handle), handle, untrack_when_done=False)
-        if state.tags:
-            self._release_when_done(handle, task)
         if not handle.state.is_blocking:
             if self._queue:
                 self._check_in_line(handle.state)
@@ -649,8 +647,6 @@ class StateManager(FastPaths, EventSource, Waiting):
                 await resumed
                 continue
             task = self._spawn(self._run(handle), handle, untrack_when_done=False)
-            if state.tags:
-                self._release_when_done(handle, task)
             await asyncio.wait([task])
             if handle in self._parked or handle in self._stash:
                 await resumed

@@ -187,20 +187,13 @@ class Waiting:
         self._wait_for(handle, waited)
         return False
 
-    def _release_when_done(self, handle: StateHandle, task: asyncio.Task[Any]) -> None:
-        """The slots ``handle`` holds go back when ``task`` (its attempt) ends, even if it never
-        ran a step (cancelled before it started, its ``finally`` did not run). Not when the
-        handle has moved on to another task meanwhile (back from a retry delay, it holds new
-        slots for that task)."""
-        def done(_: asyncio.Task[Any]) -> None:
-            if handle._task is task or handle.status.terminal:
-                self._slots.release(handle)
-
-        task.add_done_callback(done)
-
     def _slots_ready(self, handle: StateHandle) -> bool:
-        """True when the state holds a slot of each of its tags; else it waits for them."""
-        if self._slots.acquire(handle):
+        """True when the state holds a slot of each of its tags; else it waits for them. The
+        books give the slots back when the state ends (``Books.ended``), whatever the path."""
+        slots = self._slots
+        if self._books.slots is None:
+            self._books.slots = slots
+        if slots.acquire(handle):
             return True
         self._park(handle)
         return False
