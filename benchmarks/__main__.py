@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from .harness import SUITES, Config, usable_cores
@@ -37,6 +38,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    # The suite's states are trivial on purpose: statepool's advice (cheap process states, states
+    # in line on a pool) would only be noise here. Failures still show; the logging suite sets
+    # the engine logger's level itself for its rows.
+    logging.getLogger("statepool").setLevel(logging.ERROR)
     from .runner import run
 
     suites = tuple(s for s in SUITES if s in args.suite) if args.suite else SUITES
