@@ -407,7 +407,9 @@ async def test_large_arguments_are_scattered_once_and_released() -> None:
 
 async def test_manager_end_to_end_with_lazy_args_retries_and_timeout(
         tmp_path: pathlib.Path) -> None:
-    ex = DaskExecutor(n_workers=2, allowed_failures=0)  # a crash fails at once; retries are ours
+    # A crash fails at once (retries are ours); one call per thread in flight, so no innocent
+    # state waits on the worker that the crash kills (with allowed_failures=0 it would fail too).
+    ex = DaskExecutor(n_workers=2, allowed_failures=0, max_in_flight=2)
     release = tmp_path / "release"
     parent = os.getpid()
     try:

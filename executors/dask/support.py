@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import importlib.util
 import logging
 import traceback
 from collections.abc import Callable, Coroutine
@@ -38,9 +39,7 @@ def local_security() -> Any:
     """TLS with temporary credentials for a LocalCluster statepool starts (its ports would take
     code from any local user), where ``cryptography`` is installed (the ``dask`` extra brings
     it); ``None`` (plain TCP on loopback, with a warning) where it is not."""
-    try:
-        import cryptography  # noqa: F401 - Security.temporary() needs it
-    except ImportError:
+    if importlib.util.find_spec("cryptography") is None:  # Security.temporary() needs it
         logger.warning("dask: cryptography is not installed; the LocalCluster listens on "
                        "loopback without TLS (any local user could submit code to it): "
                        "pip install 'statepool[dask]'")
