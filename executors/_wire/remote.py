@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "INLINE_DUMPS_LIMIT",
     "INLINE_LOADS_LIMIT",
+    "OK",
     "OffLoop",
     "Pickler",
     "RemoteTraceback",
@@ -55,6 +56,7 @@ __all__ = [
     "dumps_error",
     "dumps_result",
     "loads_outcome",
+    "remote_error",
     "run_call",
     "run_pickled",
     "run_pickled_async",
@@ -69,6 +71,8 @@ INLINE_DUMPS_LIMIT = 64 * 1024
 
 _OK = "ok"
 _ERR = "err"
+#: the first item of a pickled outcome that carries a result (see :func:`remote_error`)
+OK = _OK
 
 
 class RemoteTraceback(Exception):
@@ -423,8 +427,17 @@ def loads_outcome(data: bytes | bytearray | memoryview,
         ) from exc
     if outcome[0] == _OK:
         return outcome[1]
+    raise remote_error(outcome)
+
+
+def remote_error(outcome: tuple[Any, ...]) -> BaseException:
+    """The exception of an unpickled outcome that is not ``OK``: the worker's traceback as its
+    ``__cause__`` (a caller that unpickles outcomes itself, then checks ``outcome[0] == OK``)."""
     _, error, tb = outcome
-    raise error from RemoteTraceback(tb)
+    error.__cause__ = RemoteTraceback(tb)
+    error.__suppress_context__ = True
+    assert isinstance(error, BaseException)
+    return error
 
 
 def _loads_either(data: bytes, state_name: str) -> tuple[bool, Any]:

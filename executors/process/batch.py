@@ -24,82 +24,38 @@ from ..base import PreparedCall
 if TYPE_CHECKING:
     from .pool import Worker
 
-__all__ = ["MAX_BATCH", "SLOW_S", "TARGET_S", "Batch", "CostModel", "Job", "Submitted", "cost_key",
-           "take"]
+__all__ = ["ALPHA", "MAX_BATCH", "SLOW_S", "TARGET_S", "Batch", "CostModel", "Job", "cost_key",
+           "future_setter", "take"]
 
 TARGET_S = 0.002  # the work a batch of fast calls aims at
 SLOW_S = 0.001  # a call that takes this long goes alone
 MAX_BATCH = 512  # calls in one batch at most
-_ALPHA = 0.25  # weight of a new measure in the running estimate
+ALPHA = 0.25  # weight of a new measure in the running estimate
 _MAX_KEYS = 4096  # functions remembered at most (the estimates start over past that)
 
 
-class Submitted:
-    """The outcome of a call started by ``submit()`` (no task awaits it): to the dispatch, what
-    ``run()``'s future is (``done``, ``set_result``, ``set_exception``, ``cancel``), but it ends
-    the state through ``on_done``; to the engine it stands for the state's task (``cancel()``,
-    ``done()``). Setting it twice changes nothing."""
-
-    __slots__ = ("_abandon", "_done", "_on_done", "_waiters", "job")
-
-    def __init__(self, on_done: Callable[[bool, Any], None],
-                 abandon: Callable[[Job], None]) -> None:
-        self._on_done = on_done
-        self._abandon = abandon
-        self._done = False
-        self._waiters: list[asyncio.Future[None]] | None = None
-        self.job: Job | None = None
-
-    def done(self) -> bool:
-        return self._done
-
-    def set_result(self, value: Any) -> None:
-        self._end(True, value)
-
-    def set_exception(self, exc: BaseException) -> None:
-        self._end(False, exc)
-
-    def cancel(self) -> bool:
-        """The state was cancelled (or the executor closes): skip the call, or kill the worker
-        that runs it, as when ``run()``'s task is cancelled."""
-        if self._done:
-            return False
-        job = self.job
-        self._end(False, asyncio.CancelledError())
-        if job is not None:
-            self._abandon(job)
-        return True
-
-    def _end(self, ok: bool, value: Any) -> None:
-        if self._done:
-            return
-        self._done = True
-        self.job = None  # no cycle with its job: both go without the garbage collector
-        self._on_done(ok, value)
-        for waiter in self._waiters or ():
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def waiter(self) -> asyncio.Future[None]:
-        """A future done when this is (for a shutdown that waits for every call)."""
-        fut = asyncio.get_running_loop().create_future()
-        if self._done:
-            fut.set_result(None)
-        else:
-            self._waiters = [*(self._waiters or ()), fut]
-        return fut
-
-
 class Job:
-    """One call on its way through the executor (it may be sent more than once)."""
+    """One call on its way through the executor (it may be sent more than once), and its outcome.
 
-    __slots__ = ("batch", "call", "doom", "fut", "key", "reruns", "rss", "seq", "solo", "stolen",
-                 "worker")
+    To the engine's ``submit()`` path it stands for the state's task (``cancel()``, ``done()``);
+    ``run()`` awaits an asyncio future that ``on_done`` sets. It ends once: ``end(ok, value)``
+    (``set_result`` and ``set_exception`` for :func:`~statepool.executors.base.fail_future`), or
+    ``cancel()``, which also skips the call or kills the worker running it (``abandon``). Once it
+    has ended it holds no reference to its ``on_done`` (the engine's handle, which holds it), and a
+    batch over lets go of its jobs: an ended call's arguments go without the garbage collector."""
 
-    def __init__(self, call: PreparedCall, fut: asyncio.Future[Any] | Submitted) -> None:
+    __slots__ = ("_abandon", "_on_done", "_waiters", "batch", "call", "doom", "key", "over",
+                 "reruns", "rss", "seq", "solo", "stolen", "worker")
+
+    def __init__(self, call: PreparedCall, on_done: Callable[[bool, Any], None],
+                 abandon: Callable[[Job], None]) -> None:
         self.call = call
-        self.fut = fut
-        self.key = cost_key(call.fn)
+        fn = call.fn
+        self.key = fn.__code__ if type(fn) is types.FunctionType else cost_key(fn)
+        self._on_done: Callable[[bool, Any], None] | None = on_done
+        self._abandon = abandon
+        self.over = False  # ended: a result, an error, or cancelled
+        self._waiters: list[asyncio.Future[None]] | None = None
         self.worker: Worker | None = None  # while sent, or about to be
         self.batch: Batch | None = None
         self.seq = 0  # its sequence number on that worker
@@ -109,8 +65,61 @@ class Job:
         self.doom: str | None = None  # why the executor killed its worker: "cancel", "memory"
         self.rss = 0
 
+    def done(self) -> bool:
+        return self.over
+
+    def set_result(self, value: Any) -> None:
+        self.end(True, value)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.end(False, exc)
+
+    def cancel(self) -> bool:
+        """The state was cancelled (or the executor closes): skip the call, or kill the worker
+        that runs it, as when ``run()``'s task is cancelled."""
+        if self.over:
+            return False
+        self.end(False, asyncio.CancelledError())
+        self._abandon(self)
+        return True
+
+    def end(self, ok: bool, value: Any) -> None:
+        """``on_done(ok, value)``, once (later calls change nothing)."""
+        if self.over:
+            return
+        self.over = True
+        on_done, self._on_done = self._on_done, None
+        assert on_done is not None
+        on_done(ok, value)
+        if self._waiters is not None:
+            for waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def waiter(self) -> asyncio.Future[None]:
+        """A future done when this is (for a shutdown that waits for every call)."""
+        fut = asyncio.get_running_loop().create_future()
+        if self.over:
+            fut.set_result(None)
+        else:
+            self._waiters = [*(self._waiters or ()), fut]
+        return fut
+
     def __repr__(self) -> str:
         return f"<Job {self.call.state_name!r} seq={self.seq} worker={self.worker}>"
+
+
+def future_setter(fut: asyncio.Future[Any]) -> Callable[[bool, Any], None]:
+    """An ``on_done`` that sets ``fut`` (``run()``'s path), unless it is done (cancelled)."""
+
+    def on_done(ok: bool, value: Any) -> None:
+        if not fut.done():
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+    return on_done
 
 
 class Batch:
@@ -176,7 +185,7 @@ class CostModel:
             cost.est = max(cost.est, seconds)
             cost.limit = 1
         else:
-            cost.est += _ALPHA * (seconds - cost.est)
+            cost.est += ALPHA * (seconds - cost.est)
 
     def batch_done(self, batch: Batch) -> None:
         """A batch came back: the functions in it may go in bigger batches unless one was slow."""
@@ -210,7 +219,7 @@ def take(pending: deque[Job], model: CostModel, share: int) -> tuple[list[Job], 
     total = cost.est
     while pending and len(jobs) < limit:
         job = pending[0]
-        if job.fut.done():
+        if job.over:
             pending.popleft()
             continue
         other = cost if job.key is head.key else costs.get(job.key)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import pickle
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,15 +21,16 @@ from typing import Any
 from statepool.engine.errors import SerializationError
 
 from .._wire import shm
-from .._wire.remote import INLINE_LOADS_LIMIT, loads_outcome
+from .._wire.remote import INLINE_LOADS_LIMIT, OK, loads_outcome, remote_error
 from ..base import PreparedCall, fail_future
-from .batch import MAX_BATCH, SLOW_S, Batch, CostModel, Job, take
+from .batch import ALPHA, MAX_BATCH, SLOW_S, Batch, CostModel, Job, take
 from .pool import Frame, Worker
 from .worker import BAD, BATCH, BYE, DONE, FRAME, READY, RUNNING, SKIP, SlotTable
 
 __all__ = ["RING", "Dispatch", "Phase"]
 
 logger = logging.getLogger(__name__)
+_loads = pickle.loads
 
 RING = 2 * MAX_BATCH  # slots per worker: the calls of two batches
 _START_POLL_S = 0.005  # how often a cancelled call that has not started yet is looked at
@@ -104,7 +106,7 @@ class Dispatch:
     def _has_head(self) -> bool:
         """Is a call waiting? (Drops the cancelled ones at the head of the line.)"""
         pending = self._pending
-        while pending and pending[0].fut.done():
+        while pending and pending[0].over:
             pending.popleft()
         return bool(pending)
 
@@ -116,12 +118,14 @@ class Dispatch:
         self.batches_sent += 1
         self.calls_sent += len(jobs)
         first = worker.seq
-        for i, job in enumerate(jobs):
-            seq = (first + i) & 0xFFFFFFFF
+        held = worker.jobs
+        seq = first
+        for job in jobs:
             job.seq, job.batch, job.worker = seq, batch, worker
-            worker.jobs[seq] = job
-            table.reset(worker.base + seq % RING)
-        worker.seq = (first + len(jobs)) & 0xFFFFFFFF
+            held[seq] = job
+            seq = (seq + 1) & 0xFFFFFFFF
+        worker.seq = seq
+        table.reset_range(worker.base, RING, first % RING, len(jobs))
         worker.batches.append(batch)
         if len(worker.batches) == 1 and worker.ready:  # else when it says READY
             self._begin(batch)
@@ -172,15 +176,16 @@ class Dispatch:
         """A batch that could not be pickled off the loop: it never reaches the worker."""
         if slot is not None:
             worker.fill(slot, [])
-        if not worker.alive or batch.jobs[0].batch is not batch:
+        jobs = batch.jobs
+        if not worker.alive or not jobs or jobs[0].batch is not batch:
             return
-        for job in batch.jobs:
+        for job in jobs:
             worker.jobs.pop(job.seq, None)
         self._batch_over(worker, batch)
-        if len(batch.jobs) > 1:  # they pickle apart, not together
-            self._requeue(batch.jobs, solo=True)
+        if len(jobs) > 1:  # they pickle apart, not together
+            self._requeue(jobs, solo=True)
         else:
-            self._fail(batch.jobs[0], exc)
+            self._fail(jobs[0], exc)
         self._pump()
 
     def _begin(self, batch: Batch) -> None:
@@ -190,9 +195,10 @@ class Dispatch:
         batch.begun_at = self._loop.time()
         pid = batch.worker.pid
         for job in batch.jobs:
-            if not job.fut.done():
-                job.call.worker = pid
-                job.call.started()
+            if not job.over:
+                call = job.call
+                call.worker = pid
+                call.started()
 
     def _threadsafe(self, callback: Any, *args: Any) -> None:
         loop = self._loop
@@ -222,25 +228,34 @@ class Dispatch:
     def _answered(self, worker: Worker, seq: int, seconds: float | None,
                   body: bytes | bytearray, meta_len: int = 0) -> None:
         job = worker.jobs.pop(seq, None)
-        if job is None or seconds is None or job.fut.done():
+        if job is None or seconds is None or job.over:
             if meta_len:  # nobody wants the result: its file goes
                 shm.release(shm.meta_path(body[:meta_len]))
             if job is None:
                 return
             batch = job.batch
-            if seconds is None and job.stolen and not job.fut.done():  # skipped: it goes to
+            if seconds is None and job.stolen and not job.over:  # skipped: it goes to
                 self._requeue([job], solo=True)  # another worker
         else:
             batch = job.batch
-            job.call.ran_s = seconds
-            self._model.observe(job.key, seconds)
-            if seconds >= SLOW_S:
-                batch.slow = True  # type: ignore[union-attr]
+            call = job.call
+            call.ran_s = seconds
+            cost = self._model._costs.get(job.key)
+            if cost is not None and seconds < SLOW_S:  # CostModel.observe, in line
+                cost.est += ALPHA * (seconds - cost.est)
+            else:
+                self._model.observe(job.key, seconds)
+                if seconds >= SLOW_S:
+                    batch.slow = True  # type: ignore[union-attr]
             if not meta_len and len(body) <= INLINE_LOADS_LIMIT:  # the common case, inline
                 try:
-                    job.fut.set_result(loads_outcome(body, None, job.call.state_name))
-                except BaseException as exc:  # the call's own exception
-                    fail_future(job.fut, exc, job.call.state_name)
+                    outcome = _loads(body)
+                    if outcome[0] == OK:
+                        job.end(True, outcome[1])
+                    else:
+                        fail_future(job, remote_error(outcome), call.state_name)
+                except BaseException:  # it does not unpickle: the error that names it
+                    self._settle(job, body, 0)
             elif len(body) - meta_len <= INLINE_LOADS_LIMIT:
                 self._settle(job, body, meta_len)
             else:
@@ -262,8 +277,7 @@ class Dispatch:
         except BaseException as exc:  # the call's own exception
             self._fail(job, exc)
         else:
-            if not job.fut.done():
-                job.fut.set_result(value)
+            job.end(True, value)
 
     def _settle_off_loop(self, job: Job, body: bytes | bytearray, meta_len: int) -> None:
         try:
@@ -273,19 +287,22 @@ class Dispatch:
         self._threadsafe(self._settled, job, value, ok)
 
     def _settled(self, job: Job, value: Any, ok: bool) -> None:
-        if job.fut.done():
-            return
         if ok:
-            job.fut.set_result(value)
+            job.end(True, value)
         else:
-            fail_future(job.fut, value, job.call.state_name)
+            fail_future(job, value, job.call.state_name)
 
     def _batch_over(self, worker: Worker, batch: Batch) -> None:
-        if batch in worker.batches:
-            worker.batches.remove(batch)
-        shm.release(batch.path)
-        batch.path = None
+        batches = worker.batches
+        if batches and batches[0] is batch:
+            batches.popleft()
+        elif batch in batches:
+            batches.remove(batch)
+        if batch.path is not None:
+            shm.release(batch.path)
+            batch.path = None
         self._model.batch_done(batch)
+        batch.jobs = []  # no cycle with its jobs (job.batch): both go without the collector
         if worker.ready and worker.batches and not worker.batches[0].begun:
             self._begin(worker.batches[0])
 
@@ -307,7 +324,7 @@ class Dispatch:
             except BaseException as exc:  # what the unpickling raised, its type kept
                 self._fail(job, exc)
         else:
-            self._requeue([job for job in jobs if not job.fut.done()], solo=True)
+            self._requeue([job for job in jobs if not job.over], solo=True)
         batch.left -= len(jobs)
         if batch.left <= 0:
             self._batch_over(worker, batch)
@@ -321,7 +338,7 @@ class Dispatch:
 
     @staticmethod
     def _fail(job: Job, exc: BaseException) -> None:
-        fail_future(job.fut, exc, job.call.state_name)
+        fail_future(job, exc, job.call.state_name)
 
     # -- cancel ----------------------------------------------------------------------------
 
@@ -373,7 +390,7 @@ class Dispatch:
             if now - first.begun_at < max(STEAL_FACTOR * first.work, STEAL_AFTER_S):
                 continue
             waiting = [job for batch in worker.batches for job in batch.jobs
-                       if worker.jobs.get(job.seq) is job and not job.fut.done()]
+                       if worker.jobs.get(job.seq) is job and not job.over]
             for job in waiting[1:]:  # the first one may be running: it stays
                 if not job.stolen:
                     job.stolen = True

@@ -37,6 +37,7 @@ import os
 import shutil
 import sys
 import weakref
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -49,7 +50,7 @@ from .._wire import faults, lifeline, logrelay, shm, threads
 from .._wire.initializer import check as initializer_check
 from ..base import Executor, OnDone, PreparedCall
 from . import boot
-from .batch import Job, Submitted
+from .batch import Job, future_setter
 from .dispatch import RING, Dispatch, Phase
 from .pool import Worker, describe_exit, kill_tree
 from .worker import RUNNING, SlotTable
@@ -221,9 +222,9 @@ class LokyExecutor(Dispatch, Executor):
         assert loop is not None and self._helper is not None and self._table is not None
         self._phase = Phase.CLOSING
         while not cancel and (waiting := self._unfinished()):
-            await asyncio.wait([f.waiter() if isinstance(f, Submitted) else f for f in waiting])
-        for fut in self._unfinished():
-            fut.cancel()
+            await asyncio.wait([job.waiter() for job in waiting])
+        for job in self._unfinished():
+            job.cancel()
         self._phase = Phase.CLOSED
         self._pending.clear()
         for timer in (self._watch_timer, self._pump_handle, self._steal_timer):
@@ -270,12 +271,12 @@ class LokyExecutor(Dispatch, Executor):
                     worker.kill("it did not stop in time")
                 killed, deadline = True, loop.time() + _STOP_TIMEOUT_S
 
-    def _unfinished(self) -> list[asyncio.Future[Any] | Submitted]:
-        futs = [job.fut for job in self._pending if not job.fut.done()]
+    def _unfinished(self) -> list[Job]:
+        jobs = [job for job in self._pending if not job.over]
         for worker in self._workers:
             if worker is not None:
-                futs += [job.fut for job in worker.jobs.values() if not job.fut.done()]
-        return futs
+                jobs += [job for job in worker.jobs.values() if not job.over]
+        return jobs
 
     # -- running a call ----------------------------------------------------------------------
 
@@ -285,15 +286,16 @@ class LokyExecutor(Dispatch, Executor):
         loop = self._loop if self._phase is Phase.OPEN and self._start_failures == 0 \
             and None not in self._workers else self._open()
         assert loop is not None
-        job = Job(call, loop.create_future())
+        fut: asyncio.Future[Any] = loop.create_future()
+        job = Job(call, future_setter(fut), self._abandon)
         self._line_up(job, loop)
         try:
-            return await job.fut  # type: ignore[misc]  # an asyncio future here
+            return await fut
         except asyncio.CancelledError:
-            self._abandon(job)
+            job.cancel()  # skipped, or its worker killed
             raise
 
-    def submit(self, call: PreparedCall, on_done: OnDone) -> Submitted:
+    def submit(self, call: PreparedCall, on_done: OnDone) -> Job:
         """Start ``call`` with no task to await it (the engine's fast path for plain blocking
         states; loop thread only): ``on_done(True, result)`` or ``on_done(False, exception)``
         ends it. The returned object's ``cancel()`` skips the call or kills its worker, as
@@ -301,21 +303,27 @@ class LokyExecutor(Dispatch, Executor):
         loop = self._loop if self._phase is Phase.OPEN and self._start_failures == 0 \
             and None not in self._workers else self._open()
         assert loop is not None
-        outcome = Submitted(on_done, self._abandon)
-        job = outcome.job = Job(call, outcome)
-        self._line_up(job, loop)
-        return outcome
+        job = Job(call, on_done, self._abandon)
+        pending = self._pending
+        pending.append(job)
+        if self._pump_handle is None:
+            self._pump_soon(pending, loop)
+        return job
 
     def _line_up(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
         pending = self._pending
         pending.append(job)
         if self._pump_handle is None:
-            if len(pending) == 1 and any(
-                    w is not None and w.ready and w.usable and not w.batches
-                    for w in self._workers):
-                self._pump()  # alone, and a worker is idle: send it now
-            else:  # the others of this loop iteration go with it
-                self._pump_handle = loop.call_soon(self._pump)
+            self._pump_soon(pending, loop)
+
+    def _pump_soon(self, pending: deque[Job], loop: asyncio.AbstractEventLoop) -> None:
+        """A call joined the line and no pump is due: send it now if it is alone and a worker
+        idles, else with the others of this loop iteration."""
+        if len(pending) == 1 and any(w is not None and w.ready and w.usable and not w.batches
+                                     for w in self._workers):
+            self._pump()  # alone, and a worker is idle: send it now
+        else:  # the others of this loop iteration go with it
+            self._pump_handle = loop.call_soon(self._pump)
 
     # -- deaths ------------------------------------------------------------------------------
 
@@ -339,21 +347,21 @@ class LokyExecutor(Dispatch, Executor):
         assert table is not None
         recycling = worker.leaving and code == 0 and worker.killed_for is None
         running = [job for job in jobs if table.states[worker.base + job.seq % RING] == RUNNING]
-        culprits = [job for job in running if not job.fut.done()]  # not cancelled meanwhile
+        culprits = [job for job in running if not job.over]  # not cancelled meanwhile
         for job in jobs:  # a failed handle the caller keeps must not keep the dead worker
             job.worker = job.batch = None  # (its process object holds a descriptor)
         fault = faults.describe(self._dir, worker.pid)  # a segfault's Python traceback
         for job in culprits:
             self._fail(job, self._memory_error(job, worker.pid) if job.doom == "memory"
                        else self._crash_error(job, worker.pid, code, fault))
-        unstarted = [job for job in jobs if job not in running and not job.fut.done()]
+        unstarted = [job for job in jobs if job not in running and not job.over]
         blameless = not running and not recycling  # it died between calls, or as it loaded
         if blameless:  # each goes alone next time, and only a few times
             for job in unstarted:
                 job.reruns += 1
                 if job.reruns > MAX_RERUNS:
                     self._fail(job, self._lost_error(job, worker.pid, code))
-        self._requeue([job for job in unstarted if not job.fut.done()], solo=blameless)
+        self._requeue([job for job in unstarted if not job.over], solo=blameless)
         self._log_exit(worker, code, recycling, culprits, len(unstarted))
         if not worker.ready and not recycling and not (code is not None and code < 0):
             # an error as it starts counts; a signal (a kill from outside) only costs a respawn

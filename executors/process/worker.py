@@ -83,6 +83,7 @@ class SlotTable:
         self._view: memoryview | None = view
         self.states = view[:nslots]
         self.cancels = view[nslots:]
+        self._zeros = memoryview(bytearray(nslots * _ITEM)).cast("q")
         self._unlink = weakref.finalize(self, _unlink, path) if owner else None
 
     @classmethod
@@ -95,6 +96,18 @@ class SlotTable:
     def reset(self, slot: int) -> None:
         self.states[slot] = IDLE
         self.cancels[slot] = 0
+
+    def reset_range(self, base: int, ring: int, start: int, count: int) -> None:
+        """:meth:`reset` the ``count`` slots from ``base + start`` on, in a ring of ``ring``
+        slots from ``base`` (two slice writes at most)."""
+        zeros = self._zeros
+        while count > 0:
+            n = min(count, ring - start)
+            low = base + start
+            self.states[low:low + n] = zeros[:n]
+            self.cancels[low:low + n] = zeros[:n]
+            count -= n
+            start = 0
 
     def close(self) -> None:
         """Unmap (and, for the owner, remove the file). Safe to call twice."""
