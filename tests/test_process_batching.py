@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -274,3 +276,44 @@ async def test_calls_of_a_batch_that_turns_slow_go_to_an_idle_worker(tmp_path: P
         assert len(ran_on) >= 2, "the slow calls all ran on the worker that got them"
         assert took < 1.4, f"{took:.2f} s: 5 x 0.3 s were not shared"
         assert ex.crashes == ex.kills == 0
+
+
+# -- what an ended call keeps -----------------------------------------------------------------
+
+
+class _Arg:
+    """An argument the test holds a weak reference to (a bytearray of 3 in the worker)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return bytearray, (3,)
+
+
+async def test_ended_calls_free_their_arguments_without_the_garbage_collector() -> None:
+    """Neither a job and its batch, nor a job and the engine's handle, keep each other (and the
+    call's arguments) alive once the call ended: with the collector off, the arguments go."""
+    from statepool.engine import State, StateManager
+
+    ex = LokyExecutor(2)
+    async with StateManager(executors={"process": ex}) as manager:
+        await ex.start()
+        prime(ex, len)  # batches of several calls
+        gc.collect()
+        gc.disable()
+        try:
+            args = [_Arg() for _ in range(20)]
+            refs = [weakref.ref(a) for a in args]
+            handles = await manager.put_states(
+                [State(f"s{i}", len, True, args=(a,), executor="process")
+                 for i, a in enumerate(args)])
+            results = await asyncio.gather(*(ex.run(prepared(f"r{i}", len, _Arg()))
+                                             for i in range(20)))  # run()'s path too
+            await manager.join()
+            assert results == [3] * 20 and [h.result() for h in handles] == [3] * 20
+            assert ex.batches_sent < ex.calls_sent  # some went together
+            del args, handles
+            alive = sum(ref() is not None for ref in refs)
+            assert alive == 0, f"{alive} of 20 arguments still alive"
+            for worker in ex._workers:
+                assert worker is not None and not worker.jobs and not worker.batches
+        finally:
+            gc.enable()
