@@ -218,6 +218,10 @@ def answer_holding(x: int, held: object) -> int:
     return x
 
 
+async def answer_holding_async(x: int, held: object) -> int:
+    return x
+
+
 def lower_rlimit_as(nbytes: int) -> int:
     """Lower this worker's address-space limit (a state that changes its worker's process
     state); answers the PID."""

@@ -655,10 +655,88 @@ async def test_initializer_runs_in_every_child() -> None:
 async def test_children_that_cannot_start_fail_start() -> None:
     # (a raising initializer does not stop a child from starting: tests/test_initializer.py)
     ex = AioProcessExecutor(processes=1, loop_initializer=broken_initializer)
-    with pytest.raises(WorkerCrashedError, match="failed to start"):
+    with pytest.raises(WorkerCrashedError, match="failed to start") as info:
         await ex.start()
+    message = str(info.value)  # why: where it was raised, and what it said
+    assert "exited with code 1 before it was ready" in message
+    assert "in broken_initializer" in message and "RuntimeError: initializer fails" in message
+    assert isinstance(info.value.__cause__, RemoteTraceback)  # the child's whole traceback
+    assert "broken_initializer" in info.value.__cause__.tb
     assert ex.worker_pids() == []
     await ex.shutdown(cancel=True)
+
+
+async def test_a_failed_start_answers_the_next_ones_for_a_while() -> None:
+    """Not a child per call while children cannot start: the error stands for a second (the
+    hold doubles with each failure in a row), then a start tries again."""
+    ex = AioProcessExecutor(processes=1, loop_initializer=broken_initializer)
+    with pytest.raises(WorkerCrashedError) as first:
+        await ex.start()
+    with pytest.raises(WorkerCrashedError) as again:
+        await ex.start()
+    assert again.value is first.value
+    await asyncio.sleep(1.1)
+    with pytest.raises(WorkerCrashedError) as later:
+        await ex.start()
+    assert later.value is not first.value  # it tried again
+    await ex.shutdown(cancel=True)
+
+
+def killed_at_start() -> asyncio.AbstractEventLoop:
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("not reached")
+
+
+async def test_a_child_killed_as_it_starts_says_so() -> None:
+    ex = AioProcessExecutor(processes=1, loop_initializer=killed_at_start)
+    with pytest.raises(WorkerCrashedError,
+                       match=r"was killed by signal SIGKILL \(9\) before it was ready"):
+        await ex.start()
+    await ex.shutdown(cancel=True)
+
+
+UNIMPORTABLE = """import os
+if os.environ.get("STATEPOOL_TEST_IMPORTER") != str(os.getpid()):
+    raise RuntimeError("needs the licence server, which only the parent reaches")
+
+def init():
+    pass
+"""
+
+
+async def test_an_initializer_whose_module_fails_at_import_in_the_child_says_why_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Every state fails with the child's reason (where and what it raised), and the
+    children print nothing: the parent logs it (once, then one line per repeat)."""
+    (tmp_path / "licensed.py").write_text(UNIMPORTABLE)
+    monkeypatch.syspath_prepend(str(tmp_path))  # (the children get the parent's sys.path)
+    monkeypatch.setenv("STATEPOOL_TEST_IMPORTER", str(os.getpid()))
+    import licensed  # type: ignore[import-not-found]
+
+    try:
+        ex = AioProcessExecutor(2, initializer=licensed.init)
+        async with StateManager(executors={"aioprocess": ex}) as m:
+            handles = [await m.put_state(State(f"s{i}", add, args=(i, 1),
+                                               executor="aioprocess")) for i in range(6)]
+            done, _ = await asyncio.wait([asyncio.ensure_future(_settle(h)) for h in handles],
+                                         timeout=DEADLINE_S)
+        assert len(done) == 6
+        for handle in handles:
+            assert handle.status is StateStatus.FAILED
+            message = str(handle.exception())
+            assert "failed to start: it exited with code 1 before it was ready" in message
+            assert 'licensed.py", line 3, in <module>' in message
+            assert "RuntimeError: needs the licence server" in message
+    finally:
+        sys.modules.pop("licensed", None)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err.replace("RemoteTraceback", "")  # the children said nothing
+
+
+async def _settle(handle: Any) -> None:
+    with contextlib.suppress(Exception):
+        await handle
 
 
 def test_options_are_checked() -> None:
@@ -752,3 +830,38 @@ async def test_manager_stop_leaves_no_child(files: Any) -> None:
     await asyncio.wait_for(main, DEADLINE_S)
     assert handle.status is StateStatus.CANCELLED
     assert await gone(pids)
+
+
+class SlowToLoadHere:
+    """A result that takes 0.3 s to unpickle in the parent (and none in the child)."""
+
+    def __init__(self, parent: int) -> None:
+        self.parent = parent
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_load_slowly, (self.parent,))
+
+
+def _load_slowly(parent: int) -> SlowToLoadHere:
+    if os.getpid() == parent:
+        time.sleep(0.3)
+    return SlowToLoadHere(parent)
+
+
+async def run_then_return_slow(seconds: float, parent: int) -> SlowToLoadHere:
+    await asyncio.sleep(seconds)
+    return SlowToLoadHere(parent)
+
+
+async def test_running_is_measured_in_the_child() -> None:
+    """``timings["running"]`` is the time the call ran in its child, not the round trip: the
+    0.3 s the parent takes to unpickle the result is ``returning``."""
+    async with StateManager(executors={"aioprocess": AioProcessExecutor(1, 4)}) as m:
+        await m.put_state(State("warm", add, args=(1, 2), executor="aioprocess"))
+        await m.join()
+        handle = await m.put_state(State("timed", run_then_return_slow,
+                                         args=(0.2, os.getpid()), executor="aioprocess"))
+        assert isinstance(await asyncio.wait_for(handle, DEADLINE_S), SlowToLoadHere)
+    t = handle.timings
+    assert t["running"] >= 0.19, t  # (the child's own pickling of the result counts in it)
+    assert t["returning"] >= 0.28, t  # measured in the parent, it was all "running"

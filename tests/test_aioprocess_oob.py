@@ -117,6 +117,26 @@ async def test_cancelled_call_leaves_no_file(tmp_path: Path) -> None:
         assert files(ex) == []
 
 
+async def test_call_cancelled_while_its_buffers_are_written_leaves_no_file(
+        tmp_path: Path) -> None:
+    """Cancelled before the helper thread has written its file: the file goes once written."""
+    release = tmp_path / "release"
+    release.touch()
+    async with pool() as ex:
+        assert await ex.run(call(echo, b"warm")) == b"warm"
+        for _ in range(3):
+            task = asyncio.ensure_future(ex.run(call(hold, str(release), np.ones(8 * BIG))))
+            await asyncio.sleep(0)  # it is pickling on the helper thread now
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        for _ in range(500):  # the helper thread finishes writing, then the file goes
+            if not files(ex):
+                break
+            await asyncio.sleep(0.01)
+        assert files(ex) == []
+
+
 async def test_through_the_manager() -> None:
     arr = np.ones(BIG)
     async with StateManager(executors={"aioprocess": AioProcessExecutor(1)}) as manager:

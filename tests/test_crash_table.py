@@ -28,6 +28,7 @@ from _attacks import CRASHES, IN_PARENT, RAISES, STAGES
 
 from statepool.engine import State, StateManager, StateStatus
 from statepool.engine.errors import EngineError
+from statepool.engine.timings import worker_of
 from statepool.executors import AioProcessExecutor, InlineExecutor, LokyExecutor, ThreadExecutor
 from statepool.executors.base import Executor
 
@@ -134,6 +135,33 @@ async def test_crash_table(ex_name: str, stage: str, kind: str) -> None:
         await asyncio.wait([main], timeout=STOP_S + 2)
         assert main.done() and time.monotonic() - began < STOP_S, "stop was not bounded"
     assert main.exception() is None
+
+
+@pytest.mark.parametrize("ex_name", ["process", "aioprocess"])
+async def test_a_result_computed_before_an_argument_kills_its_worker_is_delivered(
+        ex_name: str) -> None:
+    """The worker dies as it releases the call's arguments (a ``__del__``), after the function
+    returned: the outcome left first, so the computed result is delivered (as in loky)."""
+    fn: Any = _attacks.answer_holding_async if ex_name == "aioprocess" \
+        else _attacks.answer_holding
+    ex = executor(ex_name)
+    async with StateManager(executors={ex_name: ex}) as manager:
+        for i in range(3):  # each time a new worker, which dies the same way
+            handle = await manager.put_state(State(f"kept{i}", fn, True,
+                                                   args=(11 + i, _attacks.ExitsOnDel()),
+                                                   executor=ex_name))
+            assert await asyncio.wait_for(handle, DEADLINE_S) == 11 + i
+            # the next call goes to the next worker (one sent to a dying one would fail too)
+            dead = worker_of(handle)
+            assert isinstance(dead, int)
+            deadline = time.monotonic() + DEADLINE_S
+            while dead in ex.worker_pids():
+                assert time.monotonic() < deadline, f"worker {dead} did not die"
+                await asyncio.sleep(0.01)
+        follow = State("after", _attacks.answer_async if ex_name == "aioprocess"
+                       else _attacks.answer, True, args=(1,), executor=ex_name)
+        after = await manager.put_state(follow)
+        assert await asyncio.wait_for(after, DEADLINE_S) == 1  # the executor carries on
 
 
 async def _ended(handle: Any) -> None:

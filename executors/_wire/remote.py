@@ -289,11 +289,13 @@ def run_call(state_name: str, fn: Callable[..., Any], args: tuple[Any, ...],
 
 async def run_pickled_async(payload: bytes, buffers: list[memoryview] | None = None,
                             large: list[pickle.PickleBuffer] | None = None,
-                            keep_out: Callable[[pickle.PickleBuffer], bool] | None = None
-                            ) -> bytes:
+                            keep_out: Callable[[pickle.PickleBuffer], bool] | None = None,
+                            hold: list[Any] | None = None) -> bytes:
     """:func:`run_pickled` for a worker that already runs an event loop: awaits a coroutine.
     ``buffers``: the call's out-of-band buffers; ``large`` and ``keep_out``: see
-    :func:`dumps_result`."""
+    :func:`dumps_result`. ``hold``: the call (function, arguments) and its result go into it
+    instead of being released here, so that the caller releases it only after it sent the
+    outcome (a ``__del__`` that kills the worker cannot lose a computed result)."""
     import asyncio
 
     state_name, loaded = _loads_call(payload, buffers)
@@ -301,6 +303,8 @@ async def run_pickled_async(payload: bytes, buffers: list[memoryview] | None = N
     if isinstance(loaded, bytes):
         return loaded
     STATE.set(state_name)  # in this call's own task: its log records name the state
+    if hold is not None:
+        hold.append(loaded)
     try:
         fn, args, kwargs = loaded
         del loaded
@@ -312,6 +316,8 @@ async def run_pickled_async(payload: bytes, buffers: list[memoryview] | None = N
         raise
     except BaseException as exc:
         return _dumps_error(state_name, exc)
+    if hold is not None:
+        hold.append(result)
     return dumps_result(state_name, result, large, keep_out)
 
 

@@ -24,6 +24,7 @@ import enum
 import itertools
 import logging
 import shutil
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,6 +47,8 @@ MAX_RERUNS = 2  # times an innocent call is sent again after its child was kille
 _RERUN = -1  # the job's future answers this kind: send it again
 _STOP_TIMEOUT_S = 5.0
 TEMP_PREFIX = "statepool-aioprocess-"  # then the parent's PID (see lifeline.sweep)
+_START_HOLD_S = 1.0  # after a failed start, its error answers start() for this long (doubling)
+_START_HOLD_MAX_S = 30.0
 _LIVENESS_S = 1.0  # how often busy children are checked for a death their socket did not tell
 
 
@@ -102,6 +105,10 @@ class AioProcessExecutor(Executor):
         self._children: list[ChildHandle] = []
         self._spawning = 0
         self._spawn_error: BaseException | None = None
+        # the last failed start: until when its error answers every start(), and how many
+        # failed in a row (the hold doubles)
+        self._start_failed: tuple[float, BaseException] | None = None
+        self._start_failures = 0
         self._line = SlotLine(self._pick)
         self._ids = itertools.count(1)
         self._index = itertools.count()
@@ -127,6 +134,9 @@ class AioProcessExecutor(Executor):
         if self._phase is _Phase.CLOSING:
             raise RuntimeError("aioprocess executor is shutting down; cannot start it")
         if self._started is None:
+            failed = self._start_failed
+            if failed is not None and time.monotonic() < failed[0]:
+                raise failed[1]  # it failed a moment ago: not a child per call meanwhile
             self._phase = _Phase.STARTING
             self._loop = asyncio.get_running_loop()
             self._started = self._loop.create_future()
@@ -147,11 +157,16 @@ class AioProcessExecutor(Executor):
                 self._started.set_exception(exc)
                 self._started.exception()  # retrieved: a later start() tries again
                 self._started = None
+                if not isinstance(exc, asyncio.CancelledError):  # ...after a back-off
+                    self._start_failures += 1
+                    hold = min(_START_HOLD_MAX_S, _START_HOLD_S * 2 ** (self._start_failures - 1))
+                    self._start_failed = (time.monotonic() + hold, exc)
                 await self._stop_children(graceful=False)
                 self._close_observers()
                 self._phase = _Phase.IDLE
                 raise
             self._phase = _Phase.RUNNING
+            self._start_failed, self._start_failures = None, 0
             self._started.set_result(None)
             logger.debug("aioprocess: %d children ready: %s", self.processes, self.worker_pids())
         else:
@@ -279,7 +294,13 @@ class AioProcessExecutor(Executor):
         small = dumps_call_small(call)  # a large call is pickled off the loop thread
         job = Job(next(self._ids), call, b"" if small is None else small)
         if small is None:  # its large buffers go out of band (shm)
-            meta, payload = await self._pickler.run(shm.dumps_call_out, call, self._directory())
+            pickling = asyncio.ensure_future(
+                self._pickler.run(shm.dumps_call_out, call, self._directory()))
+            try:
+                meta, payload = await asyncio.shield(pickling)
+            except asyncio.CancelledError:  # the file being written goes once it is written
+                pickling.add_done_callback(_release_written)
+                raise
             if meta:
                 job.kind, job.path = RUN_OOB, shm.meta_path(meta)
                 payload = META.pack(len(meta)) + meta + payload
@@ -429,12 +450,15 @@ class AioProcessExecutor(Executor):
 
     # -- what the children say ---------------------------------------------------------------
 
-    def _on_frame(self, child: ChildHandle, kind: int, tid: int, body: bytes) -> None:
+    def _on_frame(self, child: ChildHandle, kind: int, tid: int, body: bytes,
+                  seconds: float) -> None:
         job = child.in_flight.pop(tid, None)
         if job is None:
             _drop_out(kind, body)
             return
         job.child = None
+        if kind != CANCELLED:
+            job.call.ran_s = seconds  # measured in the child (handle.timings' "running")
         if job.killer is not None:
             job.killer.cancel()
         if not job.abandoned and job.future is not None and not job.future.done():
@@ -524,6 +548,14 @@ def _load_out(body: bytes, state_name: str) -> tuple[bool, Any]:
         if isinstance(exc, StopIteration):  # raised in a coroutine it would end it
             exc = RuntimeError(f"state {state_name!r} raised StopIteration")
         return False, exc
+
+
+def _release_written(pickling: asyncio.Future[tuple[bytes, bytes]]) -> None:
+    """A call cancelled while its large buffers were written out: remove their file."""
+    if not pickling.cancelled() and pickling.exception() is None:
+        meta = pickling.result()[0]
+        if meta:
+            shm.release(shm.meta_path(meta))
 
 
 def _drop_out(kind: int, body: bytes) -> None:

@@ -17,9 +17,11 @@ from typing import Any
 
 from statepool.engine.errors import WorkerCrashedError
 
+from .._wire import faults
 from .._wire.lifeline import kill_tree
+from .._wire.remote import RemoteTraceback
 from ..base import PreparedCall
-from .child import HEADER, READY, RUN, ChildProcess
+from .child import HEADER, READY, RUN, START_FAILED, ChildProcess
 
 __all__ = ["ChildHandle", "Job", "crash_error", "describe_exit"]
 
@@ -72,7 +74,23 @@ def crash_error(job: Job, child: ChildHandle, code: int | None,
     return WorkerCrashedError(message, state_name=name, exitcode=code)
 
 
-FrameHandler = Callable[["ChildHandle", int, int, bytes], None]
+def _why_not_started(exc: BaseException, code: int | None, told: str, timeout: float,
+                     fault: str) -> str:
+    """Why a child died before it was ready, as the end of the start error's message."""
+    if told:  # it said so itself: its traceback's last lines
+        return f" before it was ready:\n{told}"
+    if fault:  # faulthandler's traceback of a fatal signal
+        return f" before it was ready; its Python traceback (faulthandler):\n{fault}"
+    if isinstance(exc, asyncio.TimeoutError):  # (not yet the builtin one on 3.10)
+        return f" after it did not say it was ready within {timeout} s"
+    if code is not None and code < 0:
+        return " before it was ready"
+    return (" before it could run statepool's code: multiprocessing could not prepare it "
+            "(import the parent's __main__, or unpickle the child's set-up, such as its "
+            "loop_initializer); its traceback is on this process's standard error")
+
+
+FrameHandler = Callable[["ChildHandle", int, int, bytes, float], None]
 LostHandler = Callable[["ChildHandle", "int | None"], None]
 
 
@@ -124,22 +142,29 @@ class ChildHandle:
             child_sock.close()
         reader, writer = await asyncio.open_connection(sock=parent_sock)
         child = cls(index, proc, reader, writer)
+        told = whole = ""  # what the child said before it died: its traceback
         try:
             header = await asyncio.wait_for(reader.readexactly(HEADER.size), timeout)
-            kind = HEADER.unpack(header)[0]
+            kind, _, size, _ = HEADER.unpack(header)
+            if kind == START_FAILED:
+                body = await asyncio.wait_for(reader.readexactly(size), timeout)
+                told, _, whole = body.decode("utf-8", "replace").partition("\0")
+                raise ConnectionError("the child failed before it was ready")
             if kind != READY:
                 raise ConnectionError(f"unexpected frame {kind} before READY")
         except BaseException as exc:
-            child.kill("it did not start")
+            if not told:  # (one that told us why exits by itself)
+                child.kill("it did not start")
             code = await child.reap()
             child.close()
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise WorkerCrashedError(
+            why = _why_not_started(exc, code, told, timeout,
+                                   faults.read((observe or {}).get("faults"), child.pid))
+            error = WorkerCrashedError(
                 f"aioprocess child {index} (pid {child.pid}) failed to start: it "
-                f"{describe_exit(code)} ({type(exc).__name__})",
-                exitcode=code,
-            ) from exc
+                f"{describe_exit(code)}{why}", exitcode=code)
+            raise error from (RemoteTraceback(whole) if whole else exc)
         return child
 
     @property
@@ -156,10 +181,10 @@ class ChildHandle:
         reader = self.reader
         try:
             while True:
-                kind, tid, size = HEADER.unpack(await reader.readexactly(HEADER.size))
+                kind, tid, size, seconds = HEADER.unpack(await reader.readexactly(HEADER.size))
                 body = await reader.readexactly(size) if size else b""
                 try:
-                    on_frame(self, kind, tid, body)
+                    on_frame(self, kind, tid, body, seconds)
                 except Exception:  # a bug of ours must not stop the reader: the jobs would hang
                     logger.exception("aioprocess: failed to handle frame %d of child %d",
                                      kind, self.pid)
