@@ -94,13 +94,35 @@ PARENT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+# Loaded by every interpreter of the test (PYTHONPATH): no parent-death signal, so only the
+# portable watch (end of file on the parent's anchor) is left; each process notes its PID.
+NO_PDEATHSIG = textwrap.dedent("""
+    import os
+    from statepool.executors._wire import lifeline
+
+    lifeline._PR_SET_PDEATHSIG = -1  # prctl refuses it: no parent-death signal
+    with open({marks!r}, "a") as f:
+        f.write(f"{{os.getpid()}}\\n")
+""")
+
+
+@pytest.mark.parametrize(("sig", "pdeathsig"), [(signal.SIGKILL, True), (signal.SIGTERM, True),
+                                                (signal.SIGKILL, False)],
+                         ids=["SIGKILL", "SIGTERM", "SIGKILL-no-pdeathsig"])
 def test_workers_die_with_their_parent_and_take_what_they_started(
-        tmp_path: Path, sig: int) -> None:
+        tmp_path: Path, sig: int, pdeathsig: bool) -> None:
     out = tmp_path / "info"
     script = tmp_path / "parent.py"
     script.write_text(PARENT.format(tests=str(TESTS)))
-    parent = subprocess.Popen([sys.executable, str(script), str(out)])
+    env = dict(os.environ)
+    marks = tmp_path / "no-pdeathsig"
+    if not pdeathsig:
+        (tmp_path / "site").mkdir()
+        (tmp_path / "site" / "sitecustomize.py").write_text(
+            NO_PDEATHSIG.format(marks=str(marks)))
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(tmp_path / "site"), *filter(None, [env.get("PYTHONPATH")])])
+    parent = subprocess.Popen([sys.executable, str(script), str(out)], env=env)
     try:
         deadline = time.monotonic() + DEADLINE_S
         while not out.exists():
@@ -112,6 +134,8 @@ def test_workers_die_with_their_parent_and_take_what_they_started(
                                                                    ".apopen")]
         victims = info["workers"] + started
         assert len(info["workers"]) == 4 and all(alive(pid) for pid in victims)
+        if not pdeathsig:  # every worker ran without a parent-death signal
+            assert set(info["workers"]) <= {int(x) for x in marks.read_text().split()}
         parent.send_signal(sig)
         parent.wait(10)
         began = time.monotonic()
@@ -131,6 +155,72 @@ def test_workers_die_with_their_parent_and_take_what_they_started(
             if path.exists():
                 with __import__("contextlib").suppress(ProcessLookupError, ValueError):
                     os.kill(int(path.read_text()), signal.SIGKILL)
+
+
+WATCHER = textwrap.dedent("""
+    import socket, sys, time
+    from statepool.executors._wire import lifeline
+
+    end = socket.socket(fileno=int(sys.argv[1]))
+    lifeline.arm(int(sys.argv[2]), pdeathsig=False, watch=end)
+    print("armed", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_worker_dies_at_end_of_file_on_its_parents_anchor() -> None:
+    """The portable watch: no parent-death signal, the parent still alive (its PID unchanged)
+    but its end of the anchor closed, as the kernel does when it dies: the worker exits."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+    child = subprocess.Popen([sys.executable, "-c", WATCHER, str(theirs.fileno()),
+                              str(os.getpid())], stdout=subprocess.PIPE, text=True,
+                             pass_fds=[theirs.fileno()])
+    try:
+        theirs.close()
+        assert child.stdout is not None and child.stdout.readline() == "armed\n"
+        time.sleep(0.3)
+        assert child.poll() is None  # the anchor is open: it lives
+        ours.close()
+        began = time.monotonic()
+        assert child.wait(GONE_S) == 70  # lifeline's exit code: its parent is gone
+        assert time.monotonic() - began < 1.0
+    finally:
+        ours.close()
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        assert child.stdout is not None
+        child.stdout.close()
+
+
+FORKER = textwrap.dedent("""
+    import os
+    from statepool.executors._wire import lifeline
+
+    end = lifeline.anchor()
+    ours = lifeline._anchor[0].fileno()  # the parent's end, by number
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.fstat(ours)
+            print("open", flush=True)
+        except OSError:
+            os.fstat(end.fileno())  # the workers' end stays (a forked worker watches it)
+            print("closed", flush=True)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    os.fstat(ours)  # and in the parent, its end stays open
+""")
+
+
+def test_the_anchor_is_closed_in_a_process_forked_from_the_parent() -> None:
+    """A forked copy of the parent's end would keep the workers' end from end of file."""
+    done = subprocess.run([sys.executable, "-c", FORKER], capture_output=True, text=True,
+                          timeout=DEADLINE_S)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "closed\n"
 
 
 async def test_the_next_executor_removes_a_dead_parents_directory(tmp_path: Path) -> None:

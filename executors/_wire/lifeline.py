@@ -7,8 +7,16 @@ the worker kills every process it started and exits, within about a second:
   ``SIGTERM`` as its parent dies, and the handler :func:`arm` installs kills the worker's
   descendants and exits; (the signal is tied to the parent's *thread* that started the worker:
   a backend passes ``pdeathsig=True`` only when that thread lives as long as the executor);
-* everywhere, a daemon thread that looks at ``os.getppid()`` every ``_WATCH_S`` seconds (a
-  dead parent's children are handed to another process) and does the same;
+* everywhere, a daemon thread blocked reading the worker's end of the parent's *anchor*
+  (:func:`anchor`: a socketpair the parent makes once and holds for its whole life, and never
+  writes to): the kernel closes the parent's end as the parent dies, however it dies, and the
+  read returns end of file; the thread then does the same. The worker gets its end as the
+  backends pass their sockets; a process forked from the parent closes its copy of the
+  parent's end at once (``os.register_at_fork``), or it would keep it open. (A process that
+  the parent forks *before* that hook, or that inherits the end by other means, would keep the
+  workers alive past the parent where no parent-death signal exists.) Where no anchor was
+  passed (Dask's workers), the thread looks at ``os.getppid()`` every ``_WATCH_S`` seconds
+  instead (a dead parent's children are handed to another process);
 * on Linux the worker is also a *child subreaper* (``PR_SET_CHILD_SUBREAPER``): a process a
   state daemonized (double fork, ``setsid``) stays its descendant, so :func:`kill_tree` of the
   worker, here or from the parent at stop, finds it too. (A subreaper's exited orphans stay
@@ -23,11 +31,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["arm", "kill_descendants", "kill_tree", "make_temp_dir", "sweep"]
+__all__ = ["anchor", "arm", "kill_descendants", "kill_tree", "make_temp_dir", "sweep"]
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -48,16 +59,63 @@ def _prctl(option: int, value: int) -> bool:
         return False
 
 
-def arm(parent: int, *, pdeathsig: bool = True) -> None:
-    """In a worker (its main thread), at start: die with ``parent``, with what it started."""
+_anchor: tuple[socket.socket, socket.socket] | None = None  # (ours, the workers' end)
+_anchor_lock = threading.Lock()
+_held: socket.socket | None = None  # a worker's end of its parent's anchor
+
+
+def anchor() -> socket.socket:
+    """In a parent: the workers' end of this process's anchor, to pass to a worker for
+    :func:`arm` (made on first use; both ends stay open as long as this process lives)."""
+    global _anchor
+    with _anchor_lock:
+        if _anchor is None or _anchor[0].fileno() < 0:
+            _anchor = socket.socketpair()  # not inheritable: an exec'd child gets it passed
+            if hasattr(os, "register_at_fork"):
+                os.register_at_fork(after_in_child=_forget_anchor)
+        return _anchor[1]
+
+
+def _forget_anchor() -> None:
+    """In a process forked from the parent: its copy of the parent's end would keep the
+    workers' end from ever seeing end of file; close it (the workers' end stays: a forked
+    worker watches it)."""
+    global _anchor
+    if _anchor is not None:
+        with contextlib.suppress(OSError):
+            _anchor[0].close()
+        _anchor = None
+
+
+def arm(parent: int, *, pdeathsig: bool = True, watch: socket.socket | None = None) -> None:
+    """In a worker (its main thread), at start: die with ``parent``, with what it started.
+    ``watch``: the parent's :func:`anchor` (without it, ``getppid()`` is polled)."""
+    global _held
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     if pdeathsig and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
         _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # it died before we could watch it
         _die()
-    threading.Thread(target=_watch, args=(parent,), name="statepool-lifeline",
-                     daemon=True).start()
+    if watch is not None:
+        _held = watch  # kept open for the worker's life
+        target: Callable[..., None] = _watch_end
+        args: tuple[Any, ...] = (watch, parent)
+    else:
+        target, args = _watch, (parent,)
+    threading.Thread(target=target, args=args, name="statepool-lifeline", daemon=True).start()
+
+
+def _watch_end(end: socket.socket, parent: int) -> None:
+    """Wait for end of file on the anchor: the parent is gone."""
+    try:
+        end.setblocking(True)
+        while end.recv(1):  # nobody writes: only end of file comes
+            pass
+    except OSError:  # closed under us (a state closed every descriptor?): watch the PID
+        _watch(parent)
+        return
+    _die()
 
 
 def _watch(parent: int) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from loky.backend.context import get_context
 
+from .._wire import lifeline
 from .._wire.lifeline import kill_tree
 from . import boot
 from .batch import Batch, Job
@@ -95,7 +96,7 @@ class Worker:
         config and faulthandler's directory (_wire/logrelay.py, _wire/faults.py)."""
         parent, child = socket.socketpair()
         args = (child, table.path, table.nslots, base, ring, max_tasks, max_memory, os.getpid(),
-                setup)
+                setup, lifeline.anchor())
         try:
             process = get_context("loky").Process(  # boot runs worker_main(*args)
                 target=runpy.run_path, name=f"statepool-process-{index}", args=(_BOOT,),

@@ -181,12 +181,13 @@ class _Reader:
 
 def worker_main(sock: socket.socket, table_path: str, nslots: int, base: int, ring: int,
                 max_tasks: int | None, max_memory: int | None, parent: int | None = None,
-                setup: bytes | None = None) -> None:
+                setup: bytes | None = None, anchor: socket.socket | None = None) -> None:
     """Serve ``BATCH`` frames until ``STOP``, end of file, or a recycling. ``setup``: the
-    pickled initializer, run before the first call (``_wire.initializer``)."""
+    pickled initializer, run before the first call (``_wire.initializer``); ``anchor``: the
+    parent's (``_wire.lifeline``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops us
     if parent is not None:
-        lifeline.arm(parent)  # never outlive the parent (nor what our states start)
+        lifeline.arm(parent, watch=anchor)  # never outlive the parent (nor what states start)
     sock.setblocking(True)
     table = SlotTable(table_path, nslots, owner=False)
     states, cancels = table.states, table.cancels
