@@ -4,13 +4,19 @@ The manager's watch runs while a threshold is in force (``StateManager(warn_afte
 state with ``State(warn_after=...)`` started). Every tick it looks at the running states; one
 that has run longer than its threshold in its current attempt logs one WARNING: for a process
 state with its worker's current Python stack (faulthandler on a signal: the worker runs on), for
-a coroutine on the loop with its task's stack. A thread's stack is not taken.
+a state on a thread of this process (``"thread"``: its ``worker`` is the thread's name) with that
+thread's current stack (``sys._current_frames()``, documented CPython API; the thread runs on),
+for a coroutine on the loop with its task's stack.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import os
+import sys
+import threading
+import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +111,10 @@ class StallWatch:
                 stack = None
             if stack:
                 return stack
+        if call is not None and isinstance(call.worker, str):
+            stack = thread_stack(call.worker)
+            if stack:
+                return stack
         task = handle._task
         if isinstance(task, asyncio.Task) and not task.done() and (
                 executor is None or executor.runs_on_loop):
@@ -112,6 +122,30 @@ class StallWatch:
             task.print_stack(file=out)
             return out.getvalue().strip()
         return ""
+
+
+_EXECUTORS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "executors") + os.sep
+
+
+def thread_stack(name: str) -> str:
+    """The current Python stack of this process's thread called ``name``, from the state's
+    own code on (the thread's start and the backend's loop are left out), or ``""``."""
+    for thread in threading.enumerate():
+        if thread.name == name and thread.ident is not None:
+            frame = sys._current_frames().get(thread.ident)
+            if frame is None:  # it has just ended
+                return ""
+            frames = traceback.extract_stack(frame)
+            del frame
+            while len(frames) > 1 and _plumbing(frames[0].filename):
+                frames.pop(0)
+            return "".join(traceback.format_list(frames)).rstrip()
+    return ""
+
+
+def _plumbing(filename: str) -> bool:
+    return filename == threading.__file__ or os.path.abspath(filename).startswith(_EXECUTORS)
 
 
 def _where(handle: StateHandle) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any
 
 import _crashers
@@ -19,7 +20,7 @@ import pytest
 
 from statepool.engine import State, StateManager
 from statepool.engine.errors import WorkerCrashedError
-from statepool.executors import AioProcessExecutor, LokyExecutor
+from statepool.executors import AioProcessExecutor, LokyExecutor, ThreadExecutor
 
 
 def user_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -130,6 +131,28 @@ async def test_a_stalled_process_state_warns_once_with_its_workers_stack(
     assert "state 'stuck'" in message and "warn_after=0.3 s" in message
     assert "in busy" in message  # the worker's current Python stack, from faulthandler
     assert record.state == "stuck" and isinstance(record.worker, int)  # type: ignore[attr-defined]
+
+
+def block_in_a_thread(seconds: float) -> int:
+    time.sleep(seconds)  # the line the stack shows
+    return 1
+
+
+async def test_a_stalled_thread_state_warns_once_with_its_threads_stack(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="statepool.engine")
+    async with StateManager(executors={"thread": ThreadExecutor(2)}) as m:
+        h = await m.put_state(State("stuck-thread", block_in_a_thread, True, args=(1.0,),
+                                    executor="thread", warn_after=0.3))
+        assert await asyncio.wait_for(h, 30) == 1  # warned, not stopped
+    (record,) = stall_records(caplog)
+    message = record.getMessage()
+    assert "state 'stuck-thread'" in message and "its current Python stack" in message
+    assert "in block_in_a_thread" in message and "time.sleep(seconds)" in message
+    stack = message.split("its current Python stack:", 1)[1]
+    files = {line.split('"')[1] for line in stack.splitlines() if line.startswith("  File")}
+    assert files == {__file__}  # the state's own code: not the thread's start nor the pool's
+    assert record.worker.startswith("statepool-thread-")  # type: ignore[attr-defined]
 
 
 async def test_the_manager_option_covers_every_state_and_shows_a_coroutines_stack(
