@@ -47,21 +47,34 @@ def build(kind: str) -> tuple[Executor, int]:
     return AioProcessExecutor(processes=2, childconcurrency=4), 4
 
 
-async def kill_workers(executor: Executor, killed: list[int], stop: asyncio.Event) -> None:
+async def kill_workers(executor: Executor, killed: list[int], stop: asyncio.Event,
+                       workers: int = 2) -> None:
+    """SIGKILL a random worker every few tenths of a second, plus the time the last killed
+    worker took to be replaced: under load (a spawn of 0.6 s) the workers are not killed
+    faster than they come back, which would leave the states no worker to run on."""
     rng = random.Random(1234)
+    replaced_s = 0.0  # how long the last killed worker took to be replaced
     while not stop.is_set():
         pause = rng.uniform(0.1, 0.2) if len(killed) < 2 else rng.uniform(0.3, 0.6)
         try:
-            await asyncio.wait_for(stop.wait(), pause)
+            await asyncio.wait_for(stop.wait(), pause + replaced_s)
         except asyncio.TimeoutError:
             pids = executor.worker_pids()
-            if pids:
-                pid = rng.choice(sorted(pids))
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                except ProcessLookupError:
-                    pass
+            if not pids:
+                continue
+            pid = rng.choice(sorted(pids))
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            killed.append(pid)
+            began = time.monotonic()
+            while not stop.is_set():  # until the pool is whole again
+                now = executor.worker_pids()
+                if pid not in now and len(now) >= workers:
+                    break
+                await asyncio.sleep(0.01)
+            replaced_s = time.monotonic() - began
 
 
 async def one_round(m: StateManager, kind: str, executor: Executor, n: int,
