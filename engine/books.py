@@ -144,9 +144,9 @@ class Books:
             hub.ended(handle)
         if not self.unfinished and self.join_waiters:
             self.release_all()
-        slots = self.slots
-        if slots is not None and handle in slots.held:  # a state's slots go back as it ends
-            slots.release(handle)
+        slots = self.slots  # a state's slots go back as it ends, and it waits for none
+        if slots is not None and (handle in slots.held or handle in slots.waiters):
+            slots.forget(handle)
 
     def _cheap(self, handle: StateHandle, marks: Marks, ran: float) -> None:
         """A process state succeeded: was it worth its trip? (engine/log.py says, once.)"""

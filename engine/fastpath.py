@@ -11,8 +11,14 @@ While DEBUG logging is off (the ordinary path logs every state's enter and exit)
 * a blocking state on an executor that offers ``submit`` (``"thread"``) goes to it with no task
   of its own: the executor ends the handle through :meth:`StateHandle._conclude`.
 
+* a plain function state on an executor that ``runs_on_loop`` (not blocking, by its nature)
+  is called by the main loop itself, in a copy of its context: no task at all.
+
 A plain state may have tags: the main loop takes its slots before it starts it (or parks it,
-``engine/waiting.py``), and it gives them back when its attempt ends or is cancelled.
+``engine/waiting.py``), and they go back when its attempt ends or is cancelled. A blocking state
+for ``submit`` takes its slots through ``submit_gated``: the thread gives them back as the call
+ends, and a waiter's call, prepared on the executor while it waits, is admitted there by the
+thread that freed its slot (no turn of the event loop per state).
 
 Everything else takes the ordinary path, ``StateManager._run`` in a task of its own. These
 methods are a part of :class:`~statepool.engine.manager.StateManager`, kept apart to keep it
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import sys
 from collections.abc import Coroutine
@@ -32,7 +39,7 @@ from statepool.executors.base import Executor, PreparedCall
 
 from .handle import StateHandle, StateStatus
 from .log import logger
-from .slots import SlotGuard, TagSlots
+from .slots import TagSlots
 from .state import State
 from .timings import marks_of
 
@@ -42,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = ["EAGER_START", "FastPaths", "logged_already"]
 
 _RUNNING, _SUCCEEDED, _CANCELLED = StateStatus.RUNNING, StateStatus.SUCCEEDED, StateStatus.CANCELLED
+_WAITING = StateStatus.WAITING
 #: asyncio's public eager tasks (``Task(..., eager_start=True)``) exist from Python 3.12
 EAGER_START = sys.version_info >= (3, 12)
 
@@ -58,6 +66,10 @@ class FastPaths:
     if TYPE_CHECKING:
         def _executor_for(self, state: State) -> Executor: ...
 
+        def _slots_ready(self, handle: StateHandle) -> bool: ...
+
+        def _park(self, handle: StateHandle, slots: bool = False) -> None: ...
+
     @staticmethod
     def _fast_paths(loop: asyncio.AbstractEventLoop) -> tuple[bool, bool]:
         """Whether plain states may take the fast paths now (not while DEBUG logs each state),
@@ -70,11 +82,8 @@ class FastPaths:
     @staticmethod
     def _plain(state: State) -> bool:
         """A state with no gate, lazy argument, timeout, retry or dependency, named by executor
-        name (tags are fine: the main loop takes their slots first)."""
-        given = state.executor
-        return (state.event is None and not state._has_lazy and state.timeout is None
-                and not state.retries and not state._deps and state.warn_after is None
-                and (given is None or type(given) is str))
+        name (tags are fine: the main loop takes their slots first); computed once, by State."""
+        return state._plain
 
     def _fast_paths_now(self) -> bool:
         """Whether the fast paths are open now (DEBUG off), outside the main loop's turn."""
@@ -119,32 +128,77 @@ class FastPaths:
 
     def _start_submitted(self, handle: StateHandle, state: State, ex: Executor) -> bool:
         """Hand a plain blocking state to an executor's ``submit`` with no task; False if the
-        executor has no such path (the state then takes the ordinary one)."""
+        executor has no such path (the state then takes the ordinary one). A tagged state goes
+        through ``submit_gated``: its call is prepared on the executor and let start once it
+        holds its slots, at once or, parked meanwhile, on whatever thread freed them."""
         if type(ex).submit is Executor.submit:  # the base's: no submit path, build no call
             return False
+        gated = False
+        if state.tags:
+            if type(ex).submit_gated is Executor.submit_gated:
+                if not self._slots_ready(handle):  # parked: granted through the loop
+                    return True
+            else:
+                gated = True
+        if gated:
+            on_start: Any = functools.partial(self._gated_start, handle)
+        else:
+            on_start = handle._started
         call = PreparedCall(state.name, state._func_name, state.func, state.args, state.kwargs,
-                            is_coro=state._is_coro, is_blocking=True, on_start=handle._started)
+                            is_coro=state._is_coro, is_blocking=True, on_start=on_start)
         marks = marks_of(handle)
         marks.attempt(self._books.clock())  # it leaves the queue and is dispatched now
         marks.call = call  # its worker and run time, for timings and events
-        guard = SlotGuard(self._slots, handle) if state.tags else None
         try:
-            submitted = ex.submit(call, handle._conclude if guard is None else guard.on_done)
+            if gated:
+                submitted: Any = ex.submit_gated(call, handle._conclude,
+                                                 _Release(self._slots, handle))
+            else:
+                submitted = ex.submit(call, handle._conclude)
         except Exception as exc:  # the executor is shut down
             self._begin(handle, state)
-            if guard is not None:
-                guard.on_done(False, exc)
-            else:
-                handle._conclude(False, exc)
+            handle._conclude(False, exc)
             return True
         if submitted is None:
             return False
-        self._begin(handle, state)
-        if guard is not None:
-            guard.submitted = submitted
-            submitted = guard  # its cancel() gives the slots back too
-        handle._task = submitted  # type: ignore[assignment]  # cancel() and done(), as a task
+        handle._task = submitted  # cancel() and done(), as a task
+        if not gated:
+            self._begin(handle, state)
+            return True
+        slots = self._slots
+        if self._books.slots is None:
+            self._books.slots = slots
+        if slots.acquire(handle, submitted.admit):
+            self._begin(handle, state)
+            submitted.admit()
+        else:
+            self._park(handle, slots=True)  # its call starts when its slots are free
         return True
+
+    def _gated_start(self, handle: StateHandle) -> None:
+        """A gated call started: one that waited for its slots is RUNNING from now."""
+        if handle.status is _WAITING:
+            self._begin(handle, handle.state)
+        handle._started()
+
+    def _run_sync(self, handle: StateHandle, state: State) -> None:
+        """Call a plain function state on the loop, now, in a copy of its context (no task);
+        a tagged one takes its slots first, or is parked."""
+        if state.tags and not self._slots_ready(handle):
+            return
+        self._begin(handle, state)
+        books = self._books
+        handle.started_at = books.clock()
+        if books.hub is not None:
+            books.hub.started(handle)
+        try:
+            result = handle._context(keep=False).run(state.func, *state.args, **state.kwargs)
+        except BaseException as exc:  # GeneratorExit, a user's own...: the state fails
+            handle._conclude(False, exc)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # raised on the loop thread:
+                _leave_loop(self._loop, exc)  # it leaves the loop, as asyncio does
+        else:
+            handle._finish(_SUCCEEDED, result)
 
     async def _plain_attempt(self, handle: StateHandle, state: State) -> None:
         """The one attempt of a plain coroutine state (as ``_run`` would end it)."""
@@ -179,6 +233,31 @@ def _task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any],
     if sys.version_info >= (3, 11):
         return loop.create_task(coro, name=name, context=ctx)  # type: ignore[call-arg]
     return ctx.run(loop.create_task, coro, name=name)  # pragma: no cover - Python 3.10
+
+
+class _Release:
+    """Give a state's slots back (``submit_gated``'s ``release``: on the thread it ran on)."""
+
+    __slots__ = ("handle", "slots")
+
+    def __init__(self, slots: TagSlots, handle: StateHandle) -> None:
+        self.slots = slots
+        self.handle = handle
+
+    def __call__(self) -> None:
+        self.slots.release(self.handle)
+
+
+def _leave_loop(loop: asyncio.AbstractEventLoop | None, exc: BaseException) -> None:
+    """``KeyboardInterrupt`` or ``SystemExit`` from a state's code called by the main loop: it
+    leaves the event loop from a callback of its own (asyncio lets these two through), and the
+    main loop itself is not unwound by it."""
+    if loop is not None:
+        loop.call_soon(_raise, exc)
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
 
 
 def logged_already() -> None:

@@ -145,6 +145,7 @@ class StateManager(FastPaths, EventSource, Waiting):
         if self._loop is None:
             self._loop = loop
             self._books.bind(loop)
+            self._slots.bind(loop)
         elif self._loop is not loop:
             raise RuntimeError("StateManager is bound to another event loop; build one per loop")
         return loop
@@ -316,16 +317,17 @@ class StateManager(FastPaths, EventSource, Waiting):
                 if handle.status is not _QUEUED and not self._resume(handle):
                     continue
                 state = handle.state
-                if fast and self._plain(state):
-                    if state.tags and not self._slots_ready(handle):
-                        continue  # parked until its tags have room
+                if fast and state._plain:
                     ex = self._executors.get(state._executor)
                     if ex is None:
                         ex = self._try_executor_for(state)
-                    if ex is not None and ex.runs_on_loop and state._is_coro:
-                        task = self._start_plain(handle, state, eager)
-                        if task is not None and not state.is_blocking:
-                            await self._await_own(task, handle)
+                    if ex is not None and ex.runs_on_loop:
+                        if not state._is_coro:
+                            self._run_sync(handle, state)  # no task; tags taken or parked
+                        elif not state.tags or self._slots_ready(handle):  # else parked
+                            task = self._start_plain(handle, state, eager)
+                            if task is not None and not state.is_blocking:
+                                await self._await_own(task, handle)
                     elif not (ex is not None and state.is_blocking
                               and self._start_submitted(handle, state, ex)):
                         await self._start(handle)

@@ -22,6 +22,8 @@ __all__ = ["State"]
 
 _EMPTY: dict[str, Any] = {}
 _NONE: tuple[Any, ...] = ()
+#: built-in executor names known without asking the registry (the check of the common case)
+_CHECKED = frozenset({"inline", "thread", "process", "aioprocess", "dask"})
 
 
 class State:
@@ -38,6 +40,7 @@ class State:
         "_func_name",
         "_has_lazy",
         "_is_coro",
+        "_plain",
         "_retry",
         "_sched",
         "_waits",
@@ -127,8 +130,16 @@ class State:
         self.executor = executor
         if executor is None:  # the default, which needs no check
             self._executor = "inline" if self._is_coro or not self.is_blocking else "thread"
+        elif type(executor) is str and executor in _CHECKED and (
+                executor != "inline" or self._is_coro or not self.is_blocking):
+            self._executor = executor  # a built-in name that takes this state: no check
         else:
             self._executor = self._executor_name(executor)
+        # the fast paths' one check (engine/fastpath.py): no gate, lazy argument, timeout,
+        # retry, dependency or stall warning, and the executor named by name (tags are fine)
+        self._plain = (self.event is None and not lazy and self.timeout is None
+                       and not self.retries and not self._deps and self.warn_after is None
+                       and (executor is None or type(executor) is str))
 
     @property
     def func_name(self) -> str:

@@ -56,12 +56,14 @@ class Waiting:
 
         def _start_submitted(self, handle: StateHandle, state: State, ex: Executor) -> bool: ...
 
+        def _run_sync(self, handle: StateHandle, state: State) -> None: ...
+
     def _init_waiting(self) -> None:
         self._ready: set[StateHandle] = set()  # parked states back in the queue
         self._parked: weakref.WeakSet[StateHandle] = weakref.WeakSet()
         self._stash: dict[StateHandle, Arguments] = {}  # resolved lazy args of a parked state
         self._resumers: dict[StateHandle, asyncio.Future[None]] = {}  # enter_state()'s states
-        self._granting = False  # inside a direct start of a state that took its slots
+        self._grants: list[StateHandle] | None = None  # granted, to start (see _granted)
 
     # -- checks at put ---------------------------------------------------------------------
 
@@ -106,38 +108,56 @@ class Waiting:
         self._wake_main()
 
     def _granted(self, handle: StateHandle) -> None:
-        """``handle`` took the slots it waited for. A plain blocking state that can take a fast
-        path starts at once, from here (no turn of the main loop: a freed slot is used as soon as
-        the state holding it ends); any other goes back to the front of the queue."""
-        if self._granting or not self._direct(handle):
-            self._requeue(handle)
+        """``handle`` took the slots it waited for. A plain state that can take a fast path
+        starts at once, from here (no turn of the main loop: a freed slot is used as soon as the
+        state holding it ends); any other goes back to the front of the queue. A state that
+        ends at once and so grants the next is not started from inside its own start: the
+        grants are taken one after another, in order."""
+        grants = self._grants
+        if grants is not None:
+            grants.append(handle)
+            return
+        grants = self._grants = [handle]
+        try:
+            i = 0
+            while i < len(grants):
+                nxt = grants[i]
+                i += 1
+                if not self._direct(nxt):
+                    self._requeue(nxt)
+        finally:
+            self._grants = None
 
     def _direct(self, handle: StateHandle) -> bool:
         state = handle.state
-        if not state.is_blocking or self._main_task is None or self._stop_requested \
-                or handle in self._resumers or handle.status.terminal \
-                or not self._plain(state) or not self._fast_paths_now():
+        if not state._plain or self._main_task is None or self._stop_requested \
+                or handle.status.terminal or handle in self._resumers \
+                or not self._fast_paths_now():
             return False
         ex = self._executors.get(state._executor)
         if ex is None:
             return False
-        self._granting = True  # a state that ends at once, granting the next: no recursion
-        try:
-            if ex.runs_on_loop and state._is_coro:
+        if ex.runs_on_loop:
+            if not state._is_coro:
+                self._run_sync(handle, state)
+            elif state.is_blocking:
                 self._start_plain(handle, state, False)
-            elif not self._start_submitted(handle, state, ex):
-                return False
-        finally:
-            self._granting = False
+            else:
+                return False  # the main loop awaits it, holding the queue
+        elif not state.is_blocking or not self._start_submitted(handle, state, ex):
+            return False
         self._parked.discard(handle)
         return True
 
-    def _park(self, handle: StateHandle) -> None:
-        self._slots.release(handle)
+    def _park(self, handle: StateHandle, slots: bool = False) -> None:
+        """``handle`` waits, holding nothing; ``slots``: for its tag slots, in their lines
+        (which keep it), not among the parked."""
+        if not slots:
+            self._slots.release(handle)
+            self._parked.add(handle)
         self._books.running.discard(handle)
         if handle.status is not _WAITING:
             handle._set_status(_WAITING)
-        self._parked.add(handle)
 
     def _fail_dependent(self, handle: StateHandle, dep: StateHandle) -> None:
         self._parked.discard(handle)
@@ -195,7 +215,7 @@ class Waiting:
             self._books.slots = slots
         if slots.acquire(handle):
             return True
-        self._park(handle)
+        self._park(handle, slots=True)
         return False
 
     # -- inside an attempt (StateManager._run) -------------------------------------------------
@@ -235,6 +255,14 @@ class Waiting:
     # -- stopping ------------------------------------------------------------------------------
 
     def _cancel_parked(self) -> None:
+        slots = self._slots
+        for handle in slots.waiting_handles():
+            handle.cancel()
+        with slots.lock:
+            held = list(slots.held)
+        for handle in held:  # granted on a thread, on its way to the loop
+            if handle.status is _WAITING:
+                handle.cancel()
         for handle in list(self._parked):
             handle.cancel()
         self._parked.clear()

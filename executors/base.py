@@ -21,6 +21,11 @@ Optional capabilities, which the engine asks for (never a backend's class):
 * ``submit(call, on_done)``: start a call with no task to await it; the backend ends it through
   ``on_done(ok, value)`` on the loop thread and returns a :class:`Submitted` that can cancel it
   (``None`` where a backend has no such path);
+* ``submit_gated(call, on_done, release)``: ``submit``, for a call that holds tag slots or
+  waits for them: the call waits, holding no worker, until the returned object's ``admit()``
+  (thread-safe) lets it start, and ``release()`` runs where the call ran, right after it ended
+  (or was dropped unrun), so that slots go back and the next call starts with no turn of the
+  loop;
 * ``default_grace(seconds)``: the manager's ``shutdown_grace``, for a backend that has none of
   its own;
 * ``capacity()``: how many calls run at once (its workers), ``None`` where that is not fixed.
@@ -32,7 +37,7 @@ import abc
 from collections.abc import Callable
 from typing import Any, Protocol
 
-__all__ = ["Executor", "OnDone", "PreparedCall", "Settable", "Submitted", "fail_future"]
+__all__ = ["Executor", "Gated", "OnDone", "PreparedCall", "Settable", "Submitted", "fail_future"]
 
 #: ``on_done(True, result)`` or ``on_done(False, exception)``, called on the loop thread
 OnDone = Callable[[bool, Any], None]
@@ -44,6 +49,12 @@ class Submitted(Protocol):
     def cancel(self) -> bool: ...
 
     def done(self) -> bool: ...
+
+
+class Gated(Submitted, Protocol):
+    """What ``Executor.submit_gated`` returns: a :class:`Submitted` that can be let start."""
+
+    def admit(self) -> None: ...
 
 
 class PreparedCall:
@@ -149,6 +160,14 @@ class Executor(abc.ABC):
 
         Loop thread only. ``call.started()`` and then ``on_done`` run on the loop thread;
         ``on_done`` does not run once the returned object's ``cancel()`` was called."""
+        return None
+
+    def submit_gated(self, call: PreparedCall, on_done: OnDone,
+                     release: Callable[[], None]) -> Gated | None:
+        """``submit`` for a call holding tag slots, or ``None`` (no such path here): the call
+        starts only once the returned object's ``admit()`` was called, from any thread, and
+        the backend calls ``release()`` (thread-safe) where the call ran as soon as it ended or
+        was dropped unrun. Loop thread only."""
         return None
 
     def default_grace(self, seconds: float) -> None:  # noqa: B027 - optional, a no-op here

@@ -36,14 +36,14 @@ __all__ = ["ThreadExecutor"]
 
 logger = logging.getLogger(__name__)
 _ids = itertools.count(1)
-_START, _OK, _ERR = 0, 1, 2
+_START, _OK, _ERR, _SPAWN = 0, 1, 2, 3
 
 
 class _Item:
     """One call in the pool: awaited through ``fut`` (``run``), or ended through ``on_done``
     (``submit``, no task). ``cancel()``/``done()`` let the engine hold it as a state's task."""
 
-    __slots__ = ("abandoned", "call", "fut", "long", "on_done", "pool", "started")
+    __slots__ = ("abandoned", "call", "fut", "long", "on_done", "pool", "release", "started")
 
     def __init__(self, pool: ThreadExecutor, call: PreparedCall, fut: asyncio.Future[Any] | None,
                  on_done: Callable[[bool, Any], None] | None = None) -> None:
@@ -54,6 +54,17 @@ class _Item:
         self.started = 0.0  # monotonic time its thread started it; 0.0 before
         self.long = False  # counted as a long runner: no longer holds one of max_workers
         self.abandoned = False  # cancelled or timed out: its outcome is discarded
+        # submit_gated: run on the worker thread once the call ended or was dropped unrun
+        self.release: Callable[[], None] | None = None
+
+    def admit(self) -> None:
+        """Let a gated call start (any thread): into the work queue, with a thread for it."""
+        pool = self.pool
+        pool._work.put(self)
+        if threading.get_ident() == pool._loop_thread:
+            pool._add_thread_if_needed()
+        elif not pool._idle.acquire(blocking=False):  # no idle thread: the loop adds one
+            pool._post(self, _SPAWN, None)
 
     def cancel(self) -> bool:
         """Abandon the call: its thread, if it runs, runs on; its outcome is dropped."""
@@ -113,6 +124,7 @@ class ThreadExecutor(Executor):
         self._drain_scheduled = False
         self._monitor: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
         self._closed = False
 
     # -- loop side -------------------------------------------------------------------------
@@ -140,6 +152,23 @@ class ThreadExecutor(Executor):
         self._put(item, loop)
         return item
 
+    def submit_gated(self, call: PreparedCall, on_done: OnDone,
+                     release: Callable[[], None]) -> _Item:
+        """``submit`` for a call that holds tag slots or waits for them: the call is held,
+        with no thread, until ``item.admit()`` (any thread); ``release()`` runs on the worker
+        thread as soon as the call ended (or was dropped unrun, cancelled), before the thread
+        takes its next call, so that a slot freed here admits the next waiting call at once."""
+        loop = self._loop_for(call)
+        if self._cap is not None:
+            self._cap.ensure_process()
+        item = _Item(self, call, None, on_done)
+        item.release = release
+        self._live.add(item)
+        self._waiting += 1
+        if self._monitor is None:
+            self._monitor = loop.call_later(self.long_after / 2, self._check_long_runners)
+        return item
+
     def capacity(self) -> int:
         return self.max_workers
 
@@ -153,6 +182,7 @@ class ThreadExecutor(Executor):
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
+            self._loop_thread = threading.get_ident()
         return loop
 
     def _put(self, item: _Item, loop: asyncio.AbstractEventLoop) -> None:
@@ -199,6 +229,10 @@ class ThreadExecutor(Executor):
             events, self._events = self._events, []
             self._drain_scheduled = False
         for item, kind, value in events:
+            if kind == _SPAWN:  # a call admitted on a worker thread found no idle thread
+                if len(self._threads) < self.max_workers + self._long and not self._closed:
+                    self._spawn_thread()
+                continue
             if kind == _START:
                 if item.abandoned:  # cancelled before its start reached the loop
                     self._orphan(item)
@@ -284,8 +318,15 @@ class ThreadExecutor(Executor):
                 del call
                 self._post(item, _OK if ok else _ERR, value)
                 del value
+            release, item.release = item.release, None
             del item
             self._idle.release()
+            if release is not None:  # its slots go back here, and may admit the next call
+                try:
+                    release()
+                except Exception:  # pragma: no cover - the engine's bookkeeping raised
+                    logger.exception("thread executor: giving back a call's slots failed")
+                del release
 
     def _retire(self, force: bool = False) -> bool:
         """Leave the pool: at shutdown, or when idle with more threads than it needs."""

@@ -499,3 +499,57 @@ async def test_wrap_with_tryexcept(caplog) -> None:
     assert await wrap_with_tryexcept(bad)() is None
     (record,) = caplog.records
     assert "bad" in record.getMessage() and record.exc_info[0] is ValueError
+
+
+# -- plain function states on the loop: called by the main loop, no task of their own ------
+
+cvar: contextvars.ContextVar[str] = contextvars.ContextVar("cvar", default="unset")
+
+
+async def test_a_plain_function_state_runs_in_a_copy_of_its_context_and_ends_at_once() -> None:
+    cvar.set("caller")
+    seen: list[str] = []
+
+    def touch(i: int) -> int:
+        seen.append(cvar.get())
+        cvar.set(f"state{i}")  # stays in this state's own copy
+        return i
+
+    async with StateManager() as m:
+        handles = await m.put_states([State(f"s{i}", touch, args=(i,)) for i in range(3)])
+        assert await asyncio.gather(*handles) == [0, 1, 2]
+    assert seen == ["caller"] * 3
+    assert cvar.get() == "caller"
+    assert all(h.status is StateStatus.SUCCEEDED and h.attempts == 1 for h in handles)
+    assert all(h.started_at is not None and h.finished_at is not None for h in handles)
+
+
+async def test_a_plain_function_state_that_raises_fails_alone(caplog) -> None:
+    async with StateManager() as m:
+        bad = await m.put_state(State("bad", lambda: 1 / 0))
+        good = await m.put_state(State("good", lambda: "ok"))
+        assert await good == "ok"
+        with pytest.raises(ZeroDivisionError):
+            await bad
+    assert bad.status is StateStatus.FAILED
+    assert sum("'bad'" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("kind", [SystemExit, KeyboardInterrupt])
+def test_system_exit_from_a_plain_function_state_leaves_the_loop(
+        kind: type[BaseException]) -> None:
+    seen: dict[str, object] = {}
+
+    def leave() -> None:
+        raise kind()
+
+    async def main() -> None:
+        async with StateManager() as m:
+            seen["h"] = await m.put_state(State("leave", leave))
+            await asyncio.sleep(10)
+
+    began = time.monotonic()
+    with pytest.raises(kind):
+        asyncio.run(main())
+    assert time.monotonic() - began < 5
+    assert seen["h"].status is StateStatus.FAILED  # type: ignore[attr-defined]

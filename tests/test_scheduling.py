@@ -383,12 +383,9 @@ async def _scenario(m: StateManager, mix: dict, executor: str, log: pathlib.Path
     async def sample() -> None:  # every turn of the loop: no waiter whose tags have room
         slots = m._slots
         while not stop.is_set():
-            for line in slots.waiters.values():
-                for entry in line:
-                    handle = entry[3]
-                    if slots._tickets.get(handle) == entry[1] and not handle.done() \
-                            and slots._fits(handle.state.tags):
-                        seen_fitting.append(handle)
+            with slots.lock:  # threads free slots too: a snapshot between two of their steps
+                seen_fitting.extend(handle for handle in slots.waiters
+                                    if not handle.done() and slots._fits(handle.state.tags))
             for tag, row in m.stats()["by_tag"].items():
                 if row["limit"] is not None:
                     assert row["running"] <= row["limit"], (tag, row)
@@ -610,3 +607,61 @@ async def test_a_state_cancelled_before_its_task_ran_gives_its_slot_back(retries
         assert m.stats()["by_tag"]["t"]["running"] == 0
         nxt = await m.put_state(State("next", noop, True, tags=("t",)))
         assert await asyncio.wait_for(_wait(nxt), 2) == "ran"
+
+
+async def test_a_thread_waiter_starts_on_the_thread_that_freed_its_slot_with_no_loop_turn() -> None:
+    """A waiting thread state's call is prepared on the executor: the thread that ends the
+    holder admits it at once, while the event loop is blocked (it cannot take a turn)."""
+    from statepool.executors import ThreadExecutor
+
+    go, b_started = threading.Event(), threading.Event()
+    mon = Monitor()
+
+    def a() -> None:
+        mon.start("a", ("t",))
+        go.wait(5)
+        mon.end(("t",))
+
+    def b() -> None:
+        mon.start("b", ("t",))
+        b_started.set()
+        mon.end(("t",))
+
+    async with StateManager(executors={"thread": ThreadExecutor(max_workers=2)},
+                            limits={"t": 1}) as m:
+        ha = await m.put_state(State("a", a, True, executor="thread", tags=("t",)))
+        hb = await m.put_state(State("b", b, True, executor="thread", tags=("t",)))
+        for _ in range(200):
+            if hb.status is StateStatus.WAITING and ha.status is StateStatus.RUNNING:
+                break
+            await asyncio.sleep(0.005)
+        assert hb.status is StateStatus.WAITING
+        assert m.stats()["by_tag"]["t"] == {"running": 1, "waiting": 1, "limit": 1}
+        go.set()
+        assert b_started.wait(5)  # the loop thread is blocked here: no turn of the loop
+        assert await asyncio.wait_for(_wait(hb), 5) is None
+        assert ha.status is StateStatus.SUCCEEDED
+    assert mon.peak["t"] == 1 and mon.starts == ["a", "b"]
+    assert m.stats()["by_tag"]["t"] == {"running": 0, "waiting": 0, "limit": 1}
+
+
+async def test_a_cancelled_thread_waiter_never_runs_and_the_next_one_does() -> None:
+    go = threading.Event()
+    ran: list[str] = []
+
+    def hold() -> None:
+        go.wait(5)
+
+    async with StateManager(limits={"t": 1}) as m:
+        holder = await m.put_state(State("h", hold, True, executor="thread", tags=("t",)))
+        w1 = await m.put_state(State("w1", ran.append, True, args=("w1",), executor="thread",
+                                     tags=("t",)))
+        w2 = await m.put_state(State("w2", ran.append, True, args=("w2",), executor="thread",
+                                     tags=("t",)))
+        await asyncio.sleep(0.02)
+        assert w1.cancel()
+        go.set()
+        await asyncio.wait_for(m.join(), 5)
+    assert holder.status is StateStatus.SUCCEEDED and w2.status is StateStatus.SUCCEEDED
+    assert w1.status is StateStatus.CANCELLED and ran == ["w2"]
+    assert m.stats()["by_tag"]["t"]["running"] == 0
