@@ -80,10 +80,15 @@ def _large(value: Any) -> bool:
 def _item(call: PreparedCall) -> tuple[Any, ...]:
     """What travels of ``call``, its large ``bytes`` arguments wrapped to go out of band."""
     args, kwargs = call.args, call.kwargs
-    if args and any(_large(a) for a in args):
-        args = tuple(_OutOfBand(a) if _large(a) else a for a in args)
-    if kwargs and any(_large(v) for v in kwargs.values()):
-        kwargs = {k: _OutOfBand(v) if _large(v) else v for k, v in kwargs.items()}
+    for a in args:
+        if type(a) is bytes and len(a) >= OOB_MIN:
+            args = tuple(_OutOfBand(a) if _large(a) else a for a in args)
+            break
+    if kwargs:
+        for v in kwargs.values():
+            if type(v) is bytes and len(v) >= OOB_MIN:
+                kwargs = {k: _OutOfBand(v) if _large(v) else v for k, v in kwargs.items()}
+                break
     return call.state_name, call.fn, args, kwargs
 
 
@@ -119,7 +124,8 @@ def pack(calls: Sequence[PreparedCall], *, inline: bool) -> Packed | None:
     answers ``None`` past ``INLINE_DUMPS_LIMIT`` bytes of stream (out-of-band buffers do not
     count: they are not copied). A call that does not pickle is left out: ``None`` takes its
     place in the list, and ``Packed.failed`` holds the SerializationError that names its part."""
-    items: list[Any] = [_item(c) for c in calls]
+    items: list[Any] = [_item(c) if c.args or c.kwargs else (c.state_name, c.fn, (), c.kwargs)
+                        for c in calls]
     try:
         return _pack(items, inline)
     except _TooBig:

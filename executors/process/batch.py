@@ -17,7 +17,7 @@ import functools
 import types
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..base import PreparedCall
 
@@ -34,36 +34,46 @@ ALPHA = 0.25  # weight of a new measure in the running estimate
 _MAX_KEYS = 4096  # functions remembered at most (the estimates start over past that)
 
 
+class Abandons(Protocol):
+    """A job's executor: ``_abandon(job)`` skips a cancelled call, or kills its worker."""
+
+    def _abandon(self, job: Job) -> None: ...
+
+
 class Job:
     """One call on its way through the executor (it may be sent more than once), and its outcome.
 
     To the engine's ``submit()`` path it stands for the state's task (``cancel()``, ``done()``);
     ``run()`` awaits an asyncio future that ``on_done`` sets. It ends once: ``end(ok, value)``
     (``set_result`` and ``set_exception`` for :func:`~statepool.executors.base.fail_future`), or
-    ``cancel()``, which also skips the call or kills the worker running it (``abandon``). Once it
-    has ended it holds no reference to its ``on_done`` (the engine's handle, which holds it), and a
-    batch over lets go of its jobs: an ended call's arguments go without the garbage collector."""
+    ``cancel()``, which also skips the call or kills the worker running it (``owner._abandon``).
+    Once it has ended it holds no reference to its ``on_done`` (the engine's handle, which holds
+    it), and a batch over lets go of its jobs: an ended call's arguments go without the garbage
+    collector."""
 
-    __slots__ = ("_abandon", "_on_done", "_waiters", "batch", "call", "doom", "key", "over",
-                 "reruns", "rss", "seq", "solo", "stolen", "worker")
+    # the fields every call sets; the others are class defaults until a call sets them (in
+    # its __dict__, made then): creating a job is a good part of a trivial call's cost
+    __slots__ = ("__dict__", "_on_done", "_owner", "batch", "call", "key", "over", "seq",
+                 "worker")
+
+    solo = False  # goes alone (its batch could not be loaded, or its worker died)
+    stolen = False  # asked back from a worker too slow on its batch, to go elsewhere
+    reruns = 0  # sent again after its worker died with no call to blame
+    doom: str | None = None  # why the executor killed its worker: "cancel", "memory"
+    rss = 0  # the worker's memory when it was killed for max_memory
+    _waiters: list[asyncio.Future[None]] | None = None  # see waiter()
 
     def __init__(self, call: PreparedCall, on_done: Callable[[bool, Any], None],
-                 abandon: Callable[[Job], None]) -> None:
+                 owner: Abandons) -> None:
         self.call = call
         fn = call.fn
         self.key = fn.__code__ if type(fn) is types.FunctionType else cost_key(fn)
         self._on_done: Callable[[bool, Any], None] | None = on_done
-        self._abandon = abandon
+        self._owner = owner  # its executor (a bound method per job would cost more)
         self.over = False  # ended: a result, an error, or cancelled
-        self._waiters: list[asyncio.Future[None]] | None = None
         self.worker: Worker | None = None  # while sent, or about to be
         self.batch: Batch | None = None
         self.seq = 0  # its sequence number on that worker
-        self.solo = False  # goes alone (its batch could not be loaded, or its worker died)
-        self.stolen = False  # asked back from a worker too slow on its batch, to go elsewhere
-        self.reruns = 0  # sent again after its worker died with no call to blame
-        self.doom: str | None = None  # why the executor killed its worker: "cancel", "memory"
-        self.rss = 0
 
     def done(self) -> bool:
         return self.over
@@ -80,7 +90,7 @@ class Job:
         if self.over:
             return False
         self.end(False, asyncio.CancelledError())
-        self._abandon(self)
+        self._owner._abandon(self)
         return True
 
     def end(self, ok: bool, value: Any) -> None:
@@ -217,12 +227,23 @@ def take(pending: deque[Job], model: CostModel, share: int) -> tuple[list[Job], 
     limit = min(share, cost.limit, MAX_BATCH)
     jobs = [head]
     total = cost.est
+    key = head.key
+    # calls of the same function first, in a tight loop: as many as the target allows
+    same = min(limit, 1 + int((TARGET_S - total) / cost.est) if cost.est > 0 else limit)
+    while pending and len(jobs) < same:
+        job = pending[0]
+        if job.key is not key or job.solo:
+            break
+        pending.popleft()
+        if not job.over:
+            jobs.append(job)
+    total += (len(jobs) - 1) * cost.est
     while pending and len(jobs) < limit:
         job = pending[0]
         if job.over:
             pending.popleft()
             continue
-        other = cost if job.key is head.key else costs.get(job.key)
+        other = cost if job.key is key else costs.get(job.key)
         if job.solo or other is None or other.est >= SLOW_S or len(jobs) >= other.limit \
                 or total + other.est > TARGET_S:
             break

@@ -66,6 +66,7 @@ _STOP_TIMEOUT_S = 5.0
 _RESPAWN_S = 0.1  # a worker that failed to start is tried again after this (times failures)
 _EXIT_POLL_S = 0.05  # at stop, how often the workers' exit codes are polled
 _LIVENESS_S = 1.0  # how often busy workers are checked for a death the sentinel missed
+_OPEN = Phase.OPEN  # (an enum member looked up on its class costs 0.2 us on Python 3.11)
 
 
 class LokyExecutor(Dispatch, Executor):
@@ -283,11 +284,11 @@ class LokyExecutor(Dispatch, Executor):
     async def run(self, call: PreparedCall) -> Any:
         # Open and bound: the fast path. (A task of another loop cannot await the future of
         # this one: asyncio says so.)
-        loop = self._loop if self._phase is Phase.OPEN and self._start_failures == 0 \
+        loop = self._loop if self._phase is _OPEN and self._start_failures == 0 \
             and None not in self._workers else self._open()
         assert loop is not None
         fut: asyncio.Future[Any] = loop.create_future()
-        job = Job(call, future_setter(fut), self._abandon)
+        job = Job(call, future_setter(fut), self)
         self._line_up(job, loop)
         try:
             return await fut
@@ -300,10 +301,10 @@ class LokyExecutor(Dispatch, Executor):
         states; loop thread only): ``on_done(True, result)`` or ``on_done(False, exception)``
         ends it. The returned object's ``cancel()`` skips the call or kills its worker, as
         cancelling ``run()``'s task does."""
-        loop = self._loop if self._phase is Phase.OPEN and self._start_failures == 0 \
+        loop = self._loop if self._phase is _OPEN and self._start_failures == 0 \
             and None not in self._workers else self._open()
         assert loop is not None
-        job = Job(call, on_done, self._abandon)
+        job = Job(call, on_done, self)
         pending = self._pending
         pending.append(job)
         if self._pump_handle is None:
