@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import itertools
 import json
 import os
@@ -80,6 +81,15 @@ def spin_until(release: str, marker: str | None = None, limit: float = 30.0) -> 
     deadline = time.monotonic() + limit
     while not os.path.exists(release) and time.monotonic() < deadline:
         sum(range(10_000))
+    return os.getpid()
+
+
+def hold_gil(marker: str, seconds: int) -> int:
+    """Write ``marker`` (the worker's pid), then sleep ``seconds`` in C holding the GIL (a
+    ``PyDLL`` call keeps it): the worker's event loop cannot run meanwhile."""
+    pathlib.Path(marker + ".tmp").write_text(str(os.getpid()))
+    os.replace(marker + ".tmp", marker)
+    ctypes.PyDLL(None).sleep(seconds)
     return os.getpid()
 
 
@@ -323,6 +333,28 @@ async def test_cancel_running_state_ends_its_worker(tmp_path: pathlib.Path,
             await task
         assert pids_gone([victim], 5)  # the CPU work stopped with its process
         await wait_for(lambda: len(ex.worker_pids()) == 2 and victim not in ex.worker_pids())
+        await n_workers(ex, 2)
+        assert await ex.run(call("after", add, 2, 2)) == 4
+
+
+async def test_cancel_ends_a_worker_whose_task_holds_the_gil(
+        tmp_path: pathlib.Path, pids_gone: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker cannot answer its cancel mark: after MARK_TIMEOUT_S the scheduler (ours, in
+    this process) says which worker has the task, and this process kills it, asking it nothing."""
+    from statepool.executors.dask import executor as dask_executor
+
+    monkeypatch.setattr(dask_executor, "MARK_TIMEOUT_S", 1.0)
+    marker, release = tmp_path / "started", tmp_path / "release"
+    async with releasing(release, n_workers=2) as ex:
+        task = asyncio.ensure_future(ex.run(call("gil", hold_gil, str(marker), 120)))
+        await wait_for(marker.exists, 20)
+        victim = int(marker.read_text())
+        await asyncio.sleep(0.2)  # in C now, holding the GIL
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 20)  # not the 120 s the worker is deaf for
+        assert pids_gone([victim], 5)
+        await wait_for(lambda: len(ex.worker_pids()) == 2 and victim not in ex.worker_pids(), 20)
         await n_workers(ex, 2)
         assert await ex.run(call("after", add, 2, 2)) == 4
 

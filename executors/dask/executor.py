@@ -11,8 +11,10 @@ reaches Dask. Its timeout starts when it is sent. A sent call that is cancelled 
 cancelled on every worker before Dask cancels it (``support.cancel_mark``): if it had not
 started it never will. A task that already runs cannot be interrupted: Dask only drops its
 result. With ``kill_on_cancel`` (the default for a cluster the executor started) the worker
-process running it (the mark says which) is ended and its nanny starts a fresh one, so the CPU
-work stops too.
+process running it (the mark says which) is killed, with what it started, and its nanny starts a
+fresh one, so the CPU work stops too: by this process for a cluster of its own (the workers are
+its children), by the worker's nanny otherwise; neither waits on the worker itself, whose task
+may hold the GIL (its event loop then answers late).
 Execution is at least once: when a worker dies, Dask runs the tasks it held again elsewhere, up
 to ``allowed_failures`` times, then fails them with ``KilledWorker`` (a ``WorkerCrashedError``
 here).
@@ -31,6 +33,7 @@ from typing import Any
 import distributed
 import psutil
 
+from .._wire import lifeline
 from ..base import Executor, PreparedCall
 from .scatter import ScatterCache
 from .slots import Slots
@@ -38,6 +41,7 @@ from .support import (
     Lifeline,
     cancel_mark,
     hard_exit,
+    kill_worker_tree,
     local_security,
     serialization_error,
     task_function,
@@ -56,6 +60,8 @@ SCATTER_THRESHOLD = 1_000_000
 #: Calls in Dask at once per worker thread, unless ``max_in_flight`` says otherwise: Dask batches
 #: its messages (a round trip takes 10-15 ms), so a thread with one call at a time idles.
 PIPELINE = 4
+#: How long a cancel waits for the workers' answers to its cancel mark (see ``_running_on``).
+MARK_TIMEOUT_S = 5.0
 _WRAPPED_MAX = 256  # functions whose Dask wrapper is kept (Dask caches a function it saw)
 
 
@@ -335,20 +341,71 @@ class DaskExecutor(Executor):
         """Cancel ``fut`` exactly: every worker marks its key cancelled first (a task that has
         not started there never will, see ``support.task_function``) and says whether it runs
         it; then Dask cancels it; with ``kill_on_cancel`` the worker running it is ended."""
-        running: list[str] = []
-        if not fut.done():
-            try:
-                marks = await client.run(cancel_mark(fut.key), on_error="return")
-                running = [addr for addr, started in marks.items() if started is True]
-            except Exception:
-                logger.debug("state %r: no cancel mark on the Dask workers", call.state_name,
-                             exc_info=True)
+        running = await self._running_on(client, fut, call) if not fut.done() else []
         try:
             await client.cancel([fut], reason=f"state {call.state_name!r} cancelled")
             if running and self.kill_on_cancel:
                 logger.warning("state %r (%s) cancelled while running: ending its Dask worker %s",
                                call.state_name, call.func_name, ", ".join(running))
-                await client.run(hard_exit(), workers=running, wait=False)
+                await self._end_workers(client, running)
         except Exception:
             logger.warning("state %r: could not stop its Dask task", call.state_name,
                            exc_info=True)
+
+    async def _running_on(self, client: Any, fut: Any, call: PreparedCall) -> list[str]:
+        """Mark ``fut``'s key cancelled on every worker; answer those that run it.
+
+        A worker whose task holds the GIL answers slowly; after ``MARK_TIMEOUT_S`` the scheduler
+        of a cluster of our own (it runs in this process) says which worker the task is on."""
+        try:
+            marks = await asyncio.wait_for(
+                client.run(cancel_mark(fut.key), on_error="return"), MARK_TIMEOUT_S)
+            return [addr for addr, started in marks.items() if started is True]
+        except asyncio.TimeoutError:
+            logger.warning("state %r: its Dask workers did not answer the cancel mark within "
+                           "%.0f s", call.state_name, MARK_TIMEOUT_S)
+        except Exception:
+            logger.debug("state %r: no cancel mark on the Dask workers", call.state_name,
+                         exc_info=True)
+        task = self._cluster.scheduler.tasks.get(fut.key) if self._cluster is not None else None
+        worker = getattr(task, "processing_on", None)
+        return [] if worker is None else [str(worker.address)]
+
+    async def _end_workers(self, client: Any, addresses: list[str]) -> None:
+        """SIGKILL the worker processes at ``addresses`` and what they started; their nannies
+        start new ones. Nothing waits on those workers: one whose task holds the GIL would
+        answer late (its event loop waits for the GIL at each step).
+
+        The worker processes of our own cluster are our children: killed from here. Others by
+        their nanny (``support.kill_worker_tree``); a worker with no nanny ends itself."""
+        rest: list[str] = []
+        for address in addresses:
+            pid = self._own_worker_pid(address)
+            if pid is None:
+                rest.append(address)
+            else:
+                lifeline.kill_tree(pid)
+        if not rest:
+            return
+        workers = client.scheduler_info().get("workers", {})
+        nannies = {a: workers[a]["nanny"] for a in rest if (workers.get(a) or {}).get("nanny")}
+        if nannies:
+            killed = await client.run(kill_worker_tree(), workers=list(nannies), nanny=True,
+                                      on_error="return")
+            done = {nanny for nanny, pid in killed.items() if isinstance(pid, int)}
+            rest = [a for a in rest if nannies.get(a) not in done]
+        if rest:
+            await client.run(hard_exit(), workers=rest, wait=False)
+
+    def _own_worker_pid(self, address: str) -> int | None:
+        """The PID of the worker at ``address`` if it is a process of our own cluster (a child
+        of this process, its nannies running here)."""
+        cluster = self._cluster
+        worker = cluster.scheduler.workers.get(address) if cluster is not None else None
+        pid = getattr(worker, "pid", None)
+        if not isinstance(pid, int) or pid <= 0:
+            return None
+        try:
+            return pid if psutil.Process(pid).ppid() == os.getpid() else None
+        except psutil.Error:
+            return None

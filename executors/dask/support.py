@@ -25,8 +25,8 @@ from statepool.engine.errors import SerializationError, WorkerCrashedError
 from .._wire.remote import RemoteTraceback, type_name
 from ..base import PreparedCall
 
-__all__ = ["Lifeline", "cancel_mark", "hard_exit", "local_security", "serialization_error",
-           "task_function", "translate_error"]
+__all__ = ["Lifeline", "cancel_mark", "hard_exit", "kill_worker_tree", "local_security",
+           "serialization_error", "task_function", "translate_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +188,35 @@ def hard_exit() -> Callable[[], Coroutine[Any, Any, None]]:
         asyncio.get_running_loop().call_soon(os._exit, 1)
 
     return statepool_hard_exit
+
+
+def kill_worker_tree() -> Callable[..., int | None]:
+    """A function for ``client.run(..., nanny=True)``: the nanny SIGKILLs its worker process and
+    what that started, and answers the worker's PID (``None``: it has none now).
+
+    The nanny does it, not the worker: a worker whose task holds the GIL answers slowly (each
+    of its event loop's steps waits for the GIL), the nanny at once; and it starts a new worker.
+    """
+
+    def statepool_kill_worker(dask_worker: Any) -> int | None:
+        import contextlib
+
+        import psutil
+
+        pid = dask_worker.pid  # the nanny's worker process, None while it has none
+        if not pid:
+            return None
+        try:
+            proc = psutil.Process(pid)
+            victims = [*proc.children(recursive=True), proc]
+        except psutil.Error:
+            return None
+        for victim in victims:
+            with contextlib.suppress(psutil.Error):
+                victim.kill()
+        return int(pid)
+
+    return statepool_kill_worker
 
 
 def translate_error(exc: BaseException, call: PreparedCall) -> BaseException:
