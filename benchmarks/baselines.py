@@ -33,6 +33,8 @@ __all__ = [
     "RunInExecutor",
     "Serial",
     "baseline_factories",
+    "dask_security",
+    "dask_tcp",
     "has_dask",
     "shutdown_joblib",
 ]
@@ -212,9 +214,27 @@ class AioMPMap(AioMPApply):
         return list(await self._pool.starmap(self.fn(name), args))
 
 
+def dask_tcp() -> bool:
+    """``BENCH_DASK_TCP=1``: both Dask rows on plain TCP; by default both on TLS with temporary
+    credentials, as statepool's ``DaskExecutor`` starts its own cluster (where ``cryptography``
+    is installed)."""
+    return os.environ.get("BENCH_DASK_TCP", "") not in ("", "0")
+
+
+def dask_security() -> Any:
+    """The ``security`` of the baseline's cluster: the one statepool's row has (TLS with
+    temporary credentials unless ``dask_tcp()``, or where ``cryptography`` is missing)."""
+    if dask_tcp() or importlib.util.find_spec("cryptography") is None:
+        return None
+    from distributed import Security
+
+    return Security.temporary()  # type: ignore[no-untyped-call]
+
+
 class DaskClient(Backend):
-    """``Client.submit`` on a ``LocalCluster`` of one-threaded worker processes, on loopback
-    (the options statepool's own ``DaskExecutor`` gives its cluster)."""
+    """``Client.submit`` on a ``LocalCluster`` of one-threaded worker processes, on loopback,
+    with the options statepool's own ``DaskExecutor`` gives its cluster (TLS included: see
+    ``dask_security``)."""
 
     label = "dask Client.submit"
     remote = True
@@ -229,7 +249,7 @@ class DaskClient(Backend):
             n_workers=self.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
             dashboard_address=None, asynchronous=True, silence_logs=logging.ERROR,
             # the scheduler serves its HTTP routes on 8787 even without a dashboard
-            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}, security=dask_security(),
         )
         self._client = await Client(  # type: ignore[no-untyped-call]
             self._cluster, asynchronous=True)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from .baselines import Args, Backend, has_dask, quiet_dask
+from .baselines import Args, Backend, dask_tcp, has_dask, quiet_dask
 from .harness import NotAvailable
 
 __all__ = [
@@ -45,7 +45,9 @@ def make_executor(name: str, workers: int) -> Any:
         return cls()
     if name == "dask":
         quiet_dask()
-        return cls(n_workers=workers, threads_per_worker=1)
+        # the baseline's cluster has the same security (baselines.dask_security)
+        tcp = {"cluster_kwargs": {"security": None}} if dask_tcp() else {}
+        return cls(n_workers=workers, threads_per_worker=1, **tcp)
     if name == "aioprocess":
         return cls(processes=workers)
     return cls(max_workers=workers)
