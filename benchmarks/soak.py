@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -144,6 +145,47 @@ def make_state(rng: random.Random, i: int) -> State:
 # -- sampling ----------------------------------------------------------------------------------
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = _MallInfo2
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):  # not glibc (>= 2.33)
+        return None
+
+
+_LIBC = _libc()
+_THREADS_STARTED = [0]  # threads started in this process since the soak began
+
+
+def _count_thread_starts() -> None:
+    real = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        _THREADS_STARTED[0] += 1
+        real(self)
+
+    threading.Thread.start = start  # type: ignore[method-assign]
+
+
+def malloc_stats() -> dict[str, float]:
+    """glibc's heap (all arenas): bytes in use, free but kept, and mmapped (MiB)."""
+    if _LIBC is None:
+        return {}
+    info = _LIBC.mallinfo2()
+    mib = 2**20
+    return {"heap_mib": round(info.arena / mib, 2), "in_use_mib": round(info.uordblks / mib, 2),
+            "free_kept_mib": round(info.fordblks / mib, 2),
+            "mmapped_mib": round(info.hblkhd / mib, 2)}
+
+
 def sample(started: float, counts: Counter[str], kills: int, cancels: int) -> dict[str, Any]:
     me = psutil.Process()
     return {
@@ -151,7 +193,9 @@ def sample(started: float, counts: Counter[str], kills: int, cancels: int) -> di
         "rss_mib": round(me.memory_info().rss / 2**20, 2),
         "fds": me.num_fds(),
         "threads": threading.active_count(),
+        "threads_started": _THREADS_STARTED[0],
         "children": len(me.children(recursive=True)),
+        **malloc_stats(),
         "ended": dict(counts),
         "external_kills": kills,
         "cancels": cancels,
@@ -174,7 +218,10 @@ def summary(samples: list[dict[str, Any]], warmup: float) -> dict[str, Any]:
     after = [s for s in samples if s["t"] >= warmup] or samples
     half = after[len(after) // 2:]
     out: dict[str, Any] = {}
-    for key in ("rss_mib", "fds", "threads", "children"):
+    for key in ("rss_mib", "fds", "threads", "threads_started", "children", "heap_mib",
+                "in_use_mib", "free_kept_mib", "mmapped_mib"):
+        if key not in after[0]:
+            continue
         out[key] = {
             "first": after[0][key], "last": after[-1][key],
             "max": max(s[key] for s in after),
@@ -186,8 +233,11 @@ def summary(samples: list[dict[str, Any]], warmup: float) -> dict[str, Any]:
 # -- the run -----------------------------------------------------------------------------------
 
 
-async def soak(minutes: float, every: float, out: str | None, seed: int) -> int:
+async def soak(minutes: float, every: float, out: str | None, seed: int,
+               trim: bool = False) -> int:
+    """``trim``: ``malloc_trim(0)`` before each sample (is a growth memory that glibc keeps?)"""
     rng = random.Random(seed)
+    _count_thread_starts()
     executors: dict[str, Executor] = {
         "thread": ThreadExecutor(4), "process": LokyExecutor(2),
         "aioprocess": AioProcessExecutor(2, 4),
@@ -224,6 +274,8 @@ async def soak(minutes: float, every: float, out: str | None, seed: int) -> int:
                             kills += 1
                     next_kill = now + rng.uniform(3.0, 8.0)
                 if now >= next_sample:
+                    if trim and _LIBC is not None:
+                        _LIBC.malloc_trim(0)
                     row = sample(started, counts, kills, cancels)
                     samples.append(row)
                     if sink is not None:
@@ -256,9 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=float, default=10.0, help="seconds between samples")
     parser.add_argument("--out", default=None, help="JSON lines file of the samples")
     parser.add_argument("--seed", type=int, default=14)
+    parser.add_argument("--trim", action="store_true",
+                        help="malloc_trim(0) before each sample (glibc): memory it kept free")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.CRITICAL)  # thousands of expected failures
-    return asyncio.run(soak(args.minutes, args.every, args.out, args.seed))
+    return asyncio.run(soak(args.minutes, args.every, args.out, args.seed, args.trim))
 
 
 if __name__ == "__main__":
