@@ -20,14 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from .futurelike import DoneCallbacks
 from .log import note_overhead
-from .timings import marks_of
+from .timings import Marks
 
 if TYPE_CHECKING:
     from .events import EventHub
     from .handle import StateHandle, StateStatus
     from .idle import IdleWatch
     from .slots import TagSlots
-    from .timings import Marks
 
 __all__ = ["Books"]
 
@@ -98,28 +97,29 @@ class Books:
 
     def moved(self, old: StateStatus, new: StateStatus,
               handle: StateHandle | None = None) -> None:
-        """A handle went from ``old`` to ``new``, neither terminal."""
+        """A handle went from ``old`` to ``new``, neither terminal (in one call: it runs for
+        every state, twice for one that waits)."""
         counts = self.counts
-        counts[old.index] -= 1
-        counts[new.index] += 1
-        if old.index == 0 and self.put_waiters:  # it left QUEUED: one producer may put
+        was, now_in = old.index, new.index
+        counts[was] -= 1
+        counts[now_in] += 1
+        if not was and self.put_waiters:  # it left QUEUED: one producer may put
             self._let_one_in()
-        if (new.index == 1 or old.index == 1) and handle is not None:  # WAITING
-            self._waits(handle, old, new)
-
-    def _waits(self, handle: StateHandle, old: StateStatus, new: StateStatus) -> None:
-        now = self.clock()
-        marks = marks_of(handle)
-        if old.index == 1 and marks.wait_from is not None:
-            marks.waited += now - marks.wait_from
-            marks.wait_from = None
-        if new.index == 1:
-            if marks.left_at is None:
-                marks.left_at = now
-            marks.wait_from = now
-            hub = self.hub
-            if hub is not None:
-                hub.waiting(handle, now)
+        if (now_in == 1 or was == 1) and handle is not None:  # WAITING: timings, the event
+            now = self.clock()
+            marks = handle._marks
+            if marks is None:
+                marks = handle._marks = Marks()
+            if was == 1 and marks.wait_from is not None:
+                marks.waited += now - marks.wait_from
+                marks.wait_from = None
+            if now_in == 1:
+                if marks.left_at is None:
+                    marks.left_at = now
+                marks.wait_from = now
+                hub = self.hub
+                if hub is not None:
+                    hub.waiting(handle, now)
 
     def ended(self, handle: StateHandle, old: StateStatus, new: StateStatus) -> None:
         """``handle`` went from ``old`` to the terminal ``new``."""

@@ -52,6 +52,7 @@ _RUNNING, _SUCCEEDED, _CANCELLED = StateStatus.RUNNING, StateStatus.SUCCEEDED, S
 _WAITING = StateStatus.WAITING
 #: asyncio's public eager tasks (``Task(..., eager_start=True)``) exist from Python 3.12
 EAGER_START = sys.version_info >= (3, 12)
+FACTORY, DIRECT, EAGER = 0, 1, 2  # how a plain state's task is made (FastPaths._fast_paths)
 
 
 class FastPaths:
@@ -62,6 +63,7 @@ class FastPaths:
     _tasks: set[asyncio.Future[Any]]
     _current: StateHandle | None
     _slots: TagSlots
+    _task_mode: int = FACTORY
 
     if TYPE_CHECKING:
         def _executor_for(self, state: State) -> Executor: ...
@@ -70,24 +72,26 @@ class FastPaths:
 
         def _park(self, handle: StateHandle, slots: bool = False) -> None: ...
 
-    @staticmethod
-    def _fast_paths(loop: asyncio.AbstractEventLoop) -> tuple[bool, bool]:
+    def _fast_paths(self, loop: asyncio.AbstractEventLoop) -> tuple[bool, int]:
         """Whether plain states may take the fast paths now (not while DEBUG logs each state),
-        and whether their tasks may start eagerly (3.12+, no custom task factory). Asked again
-        each turn of the main loop, so that DEBUG turned on or a task factory set meanwhile
-        takes effect."""
+        and how their tasks are made: ``EAGER`` (3.12+, no custom task factory: started
+        eagerly), ``DIRECT`` (no custom task factory: ``asyncio.Task(...)`` as
+        ``loop.create_task`` would make it, without its Python frame) or ``FACTORY``
+        (``loop.create_task``). Asked again each turn of the main loop, so that DEBUG turned on
+        or a task factory set meanwhile takes effect (kept in ``_task_mode`` for the grants)."""
         fast = not logger.isEnabledFor(logging.DEBUG)
-        return fast, fast and EAGER_START and loop.get_task_factory() is None
+        if loop.get_task_factory() is not None:
+            mode = FACTORY
+        else:
+            mode = EAGER if fast and EAGER_START else DIRECT
+        self._task_mode = DIRECT if mode == EAGER else mode
+        return fast, mode
 
     @staticmethod
     def _plain(state: State) -> bool:
         """A state with no gate, lazy argument, timeout, retry or dependency, named by executor
         name (tags are fine: the main loop takes their slots first); computed once, by State."""
         return state._plain
-
-    def _fast_paths_now(self) -> bool:
-        """Whether the fast paths are open now (DEBUG off), outside the main loop's turn."""
-        return not logger.isEnabledFor(logging.DEBUG)
 
     def _try_executor_for(self, state: State) -> Executor | None:
         try:
@@ -97,13 +101,16 @@ class FastPaths:
 
     def _begin(self, handle: StateHandle, state: State) -> None:
         """A queued state starts its one attempt (the fast paths: no retry, no timeout)."""
-        handle._set_status(_RUNNING)
+        old, handle.status = handle.status, _RUNNING
+        books = self._books
+        books.moved(old, _RUNNING, handle)
         ex_name = handle._executor_name = state._executor
-        self._books.started(handle, ex_name)
+        books.running.add(handle)
+        books.by_executor[ex_name] += 1
         handle.attempts = 1
 
     def _start_plain(self, handle: StateHandle, state: State,
-                     eager: bool) -> asyncio.Task[Any] | None:
+                     mode: int) -> asyncio.Task[Any] | None:
         """Start a plain coroutine state in its own lean task; None if it ended at once."""
         loop = self._loop
         assert loop is not None
@@ -117,7 +124,7 @@ class FastPaths:
         if not state.is_blocking:
             self._current = handle  # a stop signalled from the first step cancels it
         try:
-            task = _task(loop, coro, ctx, state.name, eager)
+            task = _task(loop, coro, ctx, state.name, mode)
         finally:
             self._current = None
         if task.done():  # it ended in its first step: it was never scheduled
@@ -225,12 +232,15 @@ class FastPaths:
 
 
 def _task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any],
-          ctx: contextvars.Context, name: str, eager: bool) -> asyncio.Task[Any]:
-    """A task for a state, started eagerly where asked (3.12+: public ``eager_start``)."""
-    if eager:
+          ctx: contextvars.Context, name: str, mode: int) -> asyncio.Task[Any]:
+    """A task for a state: started eagerly (3.12+: public ``eager_start``), made directly (no
+    task factory), or through ``loop.create_task`` (see ``FastPaths._fast_paths``)."""
+    if mode == EAGER:
         return asyncio.Task(coro, loop=loop, name=name, context=ctx,  # type: ignore[call-arg,unused-ignore]
                             eager_start=True)
     if sys.version_info >= (3, 11):
+        if mode == DIRECT:
+            return asyncio.Task(coro, loop=loop, name=name, context=ctx)  # type: ignore[call-arg,unused-ignore]
         return loop.create_task(coro, name=name, context=ctx)  # type: ignore[call-arg]
     return ctx.run(loop.create_task, coro, name=name)  # pragma: no cover - Python 3.10
 
@@ -245,7 +255,9 @@ class _Release:
         self.handle = handle
 
     def __call__(self) -> None:
-        self.slots.release(self.handle)
+        slots = self.slots
+        if slots.lines:  # someone waits: free the slots now; else the loop does as it ends
+            slots.release(self.handle)
 
 
 def _leave_loop(loop: asyncio.AbstractEventLoop | None, exc: BaseException) -> None:

@@ -296,7 +296,7 @@ class StateManager(FastPaths, EventSource, Waiting):
         try:
             queue = self._queue
             fifo, heap = queue.fifo, queue.heap
-            fast, eager = self._fast_paths(loop)
+            fast, mode = self._fast_paths(loop)
             turn, started = loop.time(), 0
             handle: StateHandle | None = None
             state: State | None = None
@@ -311,7 +311,7 @@ class StateManager(FastPaths, EventSource, Waiting):
                     await self._wakeup
                     self._wakeup = None
                     turn, started = loop.time(), 0
-                    fast, eager = self._fast_paths(loop)
+                    fast, mode = self._fast_paths(loop)
                     continue
                 handle = queue.pop() if heap else fifo.popleft()
                 if handle.status is not _QUEUED and not self._resume(handle):
@@ -325,7 +325,7 @@ class StateManager(FastPaths, EventSource, Waiting):
                         if not state._is_coro:
                             self._run_sync(handle, state)  # no task; tags taken or parked
                         elif not state.tags or self._slots_ready(handle):  # else parked
-                            task = self._start_plain(handle, state, eager)
+                            task = self._start_plain(handle, state, mode)
                             if task is not None and not state.is_blocking:
                                 await self._await_own(task, handle)
                     elif not (ex is not None and state.is_blocking
@@ -337,7 +337,7 @@ class StateManager(FastPaths, EventSource, Waiting):
                 if not started & 63 and loop.time() - turn > _TURN:
                     await asyncio.sleep(0)  # states that never wait: let the loop breathe
                     turn = loop.time()
-                    fast, eager = self._fast_paths(loop)
+                    fast, mode = self._fast_paths(loop)
         finally:
             self._wakeup = None
             self._books.serving = False

@@ -170,20 +170,28 @@ class TagSlots:
         if line is None:
             return
         limit = self.limits.get(tag)
-        running, waiters = self.running, self.waiters
+        running, waiters, held = self.running, self.waiters, self.held
         while limit is None or running.get(tag, 0) < limit:
             waiter = line.first()
             if waiter is None:
                 break
-            if not self._fits(waiter.tags):  # another of its tags is full: look past it
+            tags = waiter.tags
+            if len(tags) != 1 and not self._fits(tags):  # another tag is full: look past it
                 for other in line.ordered():
                     if limit is not None and running.get(tag, 0) >= limit:
                         break
                     if self._fits(other.tags):
                         self._grant_one(other, waiters, granted)
                 break
-            self._grant_one(waiter, waiters, granted)
-        if line.first() is None:
+            # the common case, one tag (which has room): _grant_one, inline
+            handle = waiter.handle
+            for t in tags:
+                running[t] = running.get(t, 0) + 1
+            held.add(handle)  # held before it leaves the waiters (see forget)
+            waiter.live = False
+            del waiters[handle]
+            granted.append(waiter)
+        if (not line.fifo and not line.heap) or line.first() is None:
             del self.lines[tag]
 
     def _grant_one(self, waiter: _Waiter, waiters: dict[StateHandle, _Waiter],

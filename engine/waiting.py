@@ -12,6 +12,7 @@ ends a parked state at once; at stop, parked states end ``CANCELLED``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -44,15 +45,14 @@ class Waiting:
     _main_task: asyncio.Task[None] | None
     _stop_requested: bool
     _executors: dict[str, Executor]
+    _task_mode: int
 
     if TYPE_CHECKING:
         @staticmethod
         def _plain(state: State) -> bool: ...
 
-        def _fast_paths_now(self) -> bool: ...
-
         def _start_plain(self, handle: StateHandle, state: State,
-                         eager: bool) -> asyncio.Task[Any] | None: ...
+                         mode: int) -> asyncio.Task[Any] | None: ...
 
         def _start_submitted(self, handle: StateHandle, state: State, ex: Executor) -> bool: ...
 
@@ -117,12 +117,12 @@ class Waiting:
         if grants is not None:
             grants.append(handle)
             return
-        grants = self._grants = [handle]
+        grants = self._grants = []
         try:
-            i = 0
-            while i < len(grants):
-                nxt = grants[i]
-                i += 1
+            if not self._direct(handle):
+                self._requeue(handle)
+            while grants:
+                nxt = grants.pop(0)
                 if not self._direct(nxt):
                     self._requeue(nxt)
         finally:
@@ -132,7 +132,7 @@ class Waiting:
         state = handle.state
         if not state._plain or self._main_task is None or self._stop_requested \
                 or handle.status.terminal or handle in self._resumers \
-                or not self._fast_paths_now():
+                or logger.isEnabledFor(logging.DEBUG):
             return False
         ex = self._executors.get(state._executor)
         if ex is None:
@@ -141,12 +141,11 @@ class Waiting:
             if not state._is_coro:
                 self._run_sync(handle, state)
             elif state.is_blocking:
-                self._start_plain(handle, state, False)
+                self._start_plain(handle, state, self._task_mode)  # never eager here
             else:
                 return False  # the main loop awaits it, holding the queue
         elif not state.is_blocking or not self._start_submitted(handle, state, ex):
             return False
-        self._parked.discard(handle)
         return True
 
     def _park(self, handle: StateHandle, slots: bool = False) -> None:

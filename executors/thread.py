@@ -58,8 +58,13 @@ class _Item:
         self.release: Callable[[], None] | None = None
 
     def admit(self) -> None:
-        """Let a gated call start (any thread): into the work queue, with a thread for it."""
+        """Let a gated call start (any thread): the next call of the worker thread that admits
+        it, or into the work queue, with a thread for it."""
         pool = self.pool
+        hand = getattr(pool._local, "hand", None)
+        if hand is not None and not hand:  # a worker of this pool gave back slots: it runs it
+            hand.append(self)
+            return
         pool._work.put(self)
         if threading.get_ident() == pool._loop_thread:
             pool._add_thread_if_needed()
@@ -111,6 +116,7 @@ class ThreadExecutor(Executor):
         self._cap = None if inner_threads is None else ThreadCap(inner_threads)
         self.abandoned: list[str] = []  # states whose threads were left running at shutdown
         self._work: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._local = threading.local()  # a worker's ``hand``: a call it admitted (admit)
         self._idle = threading.Semaphore(0)
         self._threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
@@ -291,13 +297,19 @@ class ThreadExecutor(Executor):
         cap = self._cap
         setup = self._setup
         broken = initializer_run(setup) if setup is not None else None
+        local = self._local
+        nxt: _Item | None = None
         while True:
-            try:
-                item = work.get(timeout=self.idle_timeout)
-            except queue.Empty:
-                if self._retire():
-                    return
-                continue
+            item: _Item | None
+            if nxt is not None:  # admitted by the slots this thread just gave back
+                item, nxt = nxt, None
+            else:
+                try:
+                    item = work.get(timeout=self.idle_timeout)
+                except queue.Empty:
+                    if self._retire():
+                        return
+                    continue
             if item is None:
                 self._retire(force=True)
                 return
@@ -320,13 +332,24 @@ class ThreadExecutor(Executor):
                 del value
             release, item.release = item.release, None
             del item
-            self._idle.release()
-            if release is not None:  # its slots go back here, and may admit the next call
-                try:
-                    release()
-                except Exception:  # pragma: no cover - the engine's bookkeeping raised
-                    logger.exception("thread executor: giving back a call's slots failed")
-                del release
+            if release is None:
+                self._idle.release()
+                continue
+            # its slots go back here; the first call they admit is this thread's next (it
+            # stays busy: no idle count, no trip through the work queue), the others queue
+            hand: list[_Item] = []
+            local.hand = hand
+            try:
+                release()
+            except Exception:  # pragma: no cover - the engine's bookkeeping raised
+                logger.exception("thread executor: giving back a call's slots failed")
+            finally:
+                local.hand = None
+            del release
+            if hand:
+                nxt = hand[0]
+            else:
+                self._idle.release()
 
     def _retire(self, force: bool = False) -> bool:
         """Leave the pool: at shutdown, or when idle with more threads than it needs."""

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from statepool.engine import State, StateManager, StateStatus
-from statepool.engine.fastpath import EAGER_START
+from statepool.engine.fastpath import EAGER, EAGER_START, FACTORY
 
 # What must hold for every coroutine state holds on every Python; the tests marked with this
 # check eager start itself, which needs asyncio's C tasks on CPython 3.11+.
@@ -308,9 +308,10 @@ async def test_stop_while_an_eager_state_waits_cancels_it_and_leaves_no_task() -
 def test_eager_start_is_used_on_this_python() -> None:
     loop = asyncio.new_event_loop()
     try:
-        assert StateManager._fast_paths(loop) == (True, True)
+        m = StateManager()
+        assert m._fast_paths(loop) == (True, EAGER)
         loop.set_task_factory(lambda loop, coro, **kw: asyncio.Task(coro, loop=loop, **kw))
-        assert StateManager._fast_paths(loop) == (True, False)  # a custom task factory
+        assert m._fast_paths(loop) == (True, FACTORY)  # a custom task factory
     finally:
         loop.close()
 
