@@ -181,3 +181,26 @@ async def test_a_large_bytes_argument_travels_out_of_band() -> None:
         assert await ex.run(prepared("len", len, data)) == len(data)
         assert await ex.run(prepared("same", _crashers.identity, data)) == data
         assert oob_files(ex) == []
+
+
+def test_a_function_remembered_by_reference_goes_by_value_once_its_module_is_registered(
+        ) -> None:
+    """remote.Pickler remembers that cloudpickle pickles a function by reference; registering
+    its module with ``cloudpickle.register_pickle_by_value`` makes it go by value again."""
+    import pickle
+
+    import cloudpickle
+
+    from statepool.executors._wire.remote import cloud_dumps
+
+    by_reference = pickle.dumps(_crashers.identity, protocol=pickle.HIGHEST_PROTOCOL)
+    assert cloud_dumps(_crashers.identity) == by_reference
+    assert cloud_dumps(_crashers.identity) == by_reference  # remembered: the same bytes
+    cloudpickle.register_pickle_by_value(_crashers)
+    try:
+        by_value = cloud_dumps(_crashers.identity)
+        assert by_value != by_reference and len(by_value) > 2 * len(by_reference)
+        assert pickle.loads(by_value)(7) == 7
+    finally:
+        cloudpickle.unregister_pickle_by_value(_crashers)
+    assert cloud_dumps(_crashers.identity) == by_reference

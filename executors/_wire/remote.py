@@ -98,14 +98,49 @@ def _reduce_code(code: types.CodeType) -> tuple[Any, ...]:
     return marshal.loads, (marshal.dumps(code),)
 
 
+_BY_REFERENCE: dict[object, None] = {}  # functions and classes cloudpickle pickled by reference
+_BY_REFERENCE_MAX = 4096
+_by_value_modules: list[set[str]] = [set()]  # cloudpickle's registry when _BY_REFERENCE was filled
+
+
+def _by_reference(obj: object) -> bool:
+    """Did cloudpickle already decide to pickle ``obj`` by reference (and may it still)?"""
+    if obj not in _BY_REFERENCE:
+        return False
+    registry = cloudpickle.list_registry_pickle_by_value()
+    if registry != _by_value_modules[0]:  # register_pickle_by_value() since: decide again
+        _BY_REFERENCE.clear()
+        _by_value_modules[0] = registry
+        return False
+    return True
+
+
 class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     """cloudpickle's pickler, but code carried by value keeps its file name and line numbers
     (cloudpickle writes ``<dynamic-code>``): a worker's traceback through a function of
     ``__main__`` shows where it is, as loky's does. Code travels as ``marshal`` data, which
-    keeps every field; parent and workers run the same interpreter."""
+    keeps every field; parent and workers run the same interpreter.
+
+    cloudpickle asks, for every function and class it meets, whether it can be pickled by
+    reference (a module lookup: a few microseconds, a good part of a small batch's cost); the
+    answer "by reference" is remembered per function or class (plain ``type`` classes only),
+    until ``cloudpickle.register_pickle_by_value`` changes the rules."""
 
     dispatch_table = collections.ChainMap({types.CodeType: _reduce_code},
                                           cloudpickle.Pickler.dispatch_table)
+
+    def reducer_override(self, obj: Any) -> Any:
+        cls = type(obj)
+        if cls is not types.FunctionType and cls is not type:
+            return super().reducer_override(obj)
+        if _by_reference(obj):
+            return NotImplemented  # the C pickler's save_global: module and name
+        reduced = super().reducer_override(obj)
+        if reduced is NotImplemented and len(_BY_REFERENCE) < _BY_REFERENCE_MAX:
+            if not _BY_REFERENCE:
+                _by_value_modules[0] = cloudpickle.list_registry_pickle_by_value()
+            _BY_REFERENCE[obj] = None
+        return reduced
 
 
 def cloud_dumps(obj: object, protocol: int = pickle.HIGHEST_PROTOCOL,
