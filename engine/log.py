@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 from .chunk import map_chunk, map_chunk_async
@@ -16,8 +17,8 @@ from .timings import timings_of, worker_of
 if TYPE_CHECKING:
     from .handle import StateHandle
 
-__all__ = ["log_enter", "log_exit", "log_failure", "log_retry", "logger", "note_overhead",
-           "state_extra"]
+__all__ = ["log_enter", "log_exit", "log_failure", "log_failure_of", "log_retry", "logger",
+           "note_overhead", "state_extra"]
 
 logger = logging.getLogger("statepool.engine")
 _DEBUG = logging.DEBUG
@@ -64,28 +65,47 @@ def log_failure(handle: StateHandle, executor: str, exc: BaseException) -> None:
     """One ERROR record per failure. The first failure of a kind (function, exception type,
     the line it was raised on) carries its traceback; its repeats are one line that counts."""
     state = handle.state
-    seen = handle._books.failures
-    key = (state.func_name, type(exc), _origin(exc))
+    log_failure_of(handle._books.failures, state.name, state.func_name, executor,
+                   handle.attempts, exc, state_extra(handle, executor))
+
+
+def log_failure_of(seen: dict[tuple[Any, ...], int], name: str, func_name: str, executor: str,
+                   attempts: int, exc: BaseException, extra: dict[str, Any]) -> None:
+    """:func:`log_failure` for a failure that is not a state's own (an item of a ``map`` chunk
+    that failed in its worker while the chunk succeeded): the same record, the same counting in
+    ``seen`` (the manager's ``Books.failures``)."""
+    key = (func_name, type(exc), _origin(exc))
     count = seen.get(key, 0) + 1
     if count > 1 or len(seen) < _SEEN_LIMIT:
         seen[key] = count
     if count == 1:
         logger.error(
             "state %r (%s) on %s failed after %d attempt(s): %s: %s",
-            state.name, state.func_name, executor, handle.attempts, type(exc).__name__, exc,
-            exc_info=exc, extra=state_extra(handle, executor),
+            name, func_name, executor, attempts, type(exc).__name__, exc,
+            exc_info=exc, extra=extra,
         )
         return
     logger.error(
         "state %r (%s) on %s failed after %d attempt(s): %s: %s [failure %d of this kind; "
         "its traceback was logged with the first]",
-        state.name, state.func_name, executor, handle.attempts, type(exc).__name__, exc,
-        count, extra=state_extra(handle, executor),
+        name, func_name, executor, attempts, type(exc).__name__, exc, count, extra=extra,
     )
 
 
+#: the last frame of a traceback printed as text: ``File "path", line 12, in func``
+_FRAME_LINE = re.compile(r'File "([^"]+)", line (\d+)')
+
+
 def _origin(exc: BaseException) -> tuple[str, int] | None:
-    """Where ``exc`` was raised: the file and line of its traceback's last frame."""
+    """Where ``exc`` was raised: the file and line of its traceback's last frame; for an
+    exception raised in a worker process (its ``__cause__`` carries the worker's traceback as
+    text, in ``tb``), the last frame of that text."""
+    remote = getattr(exc.__cause__, "tb", None)
+    if isinstance(remote, str):
+        frames = _FRAME_LINE.findall(remote)
+        if frames:
+            path, line = frames[-1]
+            return path, int(line)
     tb = exc.__traceback__
     if tb is None:
         return None

@@ -39,9 +39,10 @@ from statepool.executors.base import Executor
 from .chunk import Outcome, map_chunk, map_chunk_async
 from .errors import ManagerStoppedError
 from .handle import StateHandle, StateStatus
-from .log import logger
+from .log import log_failure_of, logger
 from .naming import func_name, is_coroutine_callable
 from .state import State
+from .timings import worker_of
 
 if TYPE_CHECKING:
     from .manager import StateManager
@@ -339,7 +340,7 @@ class Mapper:
             self._measured(n, seconds)
             call.results = results
             for offset, exc in (errors or {}).items():
-                self._item_failed(call, offset, exc, logged=False)
+                self._item_failed(call, offset, exc, logged=False, handle=handle)
         elif handle.status is _CANCELLED:  # the manager stops (map's own cancels are closed)
             for offset in range(n):
                 self._final_error(call, offset, self._cancelled(call.start + offset))
@@ -356,7 +357,7 @@ class Mapper:
         self._one_less(call)
 
     def _item_failed(self, call: _Call, offset: int, exc: BaseException, *,
-                     logged: bool) -> None:
+                     logged: bool, handle: StateHandle | None = None) -> None:
         """An item's first attempt failed (inside a call of several, or as its own call)."""
         retries = _fewer(self._retries) if _retryable(self._retries, exc) else None
         index = call.start + offset
@@ -366,10 +367,14 @@ class Mapper:
                            extra={"state": f"{self._name}[{index}]", "attempt": 1})
             self._alone(call, offset, retries, self._timeout)
             return
-        if not logged:  # the engine saw the call succeed: the item's failure is ours to log
-            logger.error("state '%s[%d]' (%s) failed: %s", self._name, index,
-                         func_name(self._func), _describe(exc), exc_info=exc,
-                         extra={"state": f"{self._name}[{index}]", "attempt": 1})
+        if not logged and handle is not None:  # the engine saw the call succeed: the item's
+            # failure is ours to log, by the engine's rule (one traceback per kind of failure,
+            # then a line per repeat)
+            name = f"{self._name}[{index}]"
+            executor = handle._executor_name or handle.state.executor_name
+            log_failure_of(handle._books.failures, name, func_name(self._func), executor, 1, exc,
+                           {"state": name, "executor": executor, "attempt": 1,
+                            "worker": worker_of(handle)})
         self._final_error(call, offset, exc)
 
     def _cancelled(self, index: int) -> BaseException:

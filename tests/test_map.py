@@ -194,6 +194,43 @@ async def test_each_item_keeps_its_own_error_and_retries(executor: str, tmp_path
         assert again == list(range(30))  # each item failed once, then passed alone
 
 
+def _two_kinds(x: int) -> int:
+    if x % 2:
+        raise ValueError(f"odd {x}")
+    if x % 3 == 0:
+        raise ValueError(f"even, of three {x}")
+    return x
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+async def test_items_failing_inside_chunks_log_one_traceback_per_kind_then_one_line(
+        executor: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="statepool.engine")
+    async with StateManager(executors=map_executors(executor)) as manager:
+        got = [r async for r in manager.map(_two_kinds, range(60), executor=executor,
+                                            chunksize=10, return_exceptions=True)]
+    failed = [i for i in range(60) if i % 2 or i % 3 == 0]
+    assert [i for i, r in enumerate(got) if isinstance(r, ValueError)] == failed
+    errors = [r for r in caplog.records if r.name == "statepool.engine"]
+    # one ERROR record per item, named after it
+    assert sorted(r.state for r in errors) == sorted(  # type: ignore[attr-defined]
+        f"_two_kinds[{i}]" for i in failed)
+    # the traceback once per kind of failure (function, type, raising line): two kinds here
+    with_tb = [r for r in errors if r.exc_info is not None]
+    assert len(with_tb) == 2
+    assert {r.getMessage().split(": ")[-1].split(" ")[0] for r in with_tb} == {"odd", "even,"}
+    text = "".join(logging.Formatter().formatException(r.exc_info)  # type: ignore[arg-type]
+                   for r in with_tb)
+    assert 'raise ValueError(f"odd {x}")' in text  # the frames where the item raised
+    assert 'raise ValueError(f"even, of three {x}")' in text
+    repeats = [r for r in errors if r.exc_info is None]
+    assert len(repeats) == len(failed) - 2
+    assert all("of this kind; its traceback was logged with the first" in r.getMessage()
+               for r in repeats)
+    assert all(r.executor == executor and r.attempt == 1  # type: ignore[attr-defined]
+               for r in errors)
+
+
 class _Flaky:
     """Fails the first attempt of every item (a marker file per item), in any process."""
 
