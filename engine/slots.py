@@ -230,13 +230,16 @@ class TagSlots:
 
     def try_take(self, handle: StateHandle) -> bool:
         """Take ``handle``'s slots now if they all have room (nothing is lined up)."""
-        tags = handle.state.tags
         with self.lock:
-            if handle in self.held:
-                return True
-            if self._fits(tags):
-                self._take(handle, tags)
-                return True
+            return self._take_if_room(handle, handle.state.tags)
+
+    def _take_if_room(self, handle: StateHandle, tags: tuple[str, ...]) -> bool:
+        """Under the lock: True if ``handle`` holds its slots (already, or taken now)."""
+        if handle in self.held:
+            return True
+        if self._fits(tags):
+            self._take(handle, tags)
+            return True
         return False
 
     def acquire(self, handle: StateHandle, admit: Callable[[], None] | None = None) -> bool:
@@ -245,10 +248,7 @@ class TagSlots:
         must be thread-safe); without it the manager's ``grant`` runs on the loop."""
         tags = handle.state.tags
         with self.lock:
-            if handle in self.held:
-                return True
-            if self._fits(tags):
-                self._take(handle, tags)
+            if self._take_if_room(handle, tags):
                 return True
             if handle in self.waiters:
                 return False  # already in line
